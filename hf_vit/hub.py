@@ -117,7 +117,10 @@ class HubPusher:
         self._closed = False
 
     def __repr__(self) -> str:  # written by hand so that the token can never show up in a log or a traceback
-        return f"HubPusher(output_dir={str(self.output_dir)!r}, hub_model_id={self.hub_model_id!r}, strategy={self.strategy!r})"
+        return (
+            f"HubPusher(output_dir={str(self.output_dir)!r}, hub_model_id={self.hub_model_id!r}, "
+            f"strategy={self.strategy!r})"
+        )
 
     @classmethod
     def from_config(cls, cfg) -> HubPusher | None:
@@ -209,7 +212,7 @@ class HubPusher:
                     repo_id=self.repo_id,
                     folder_path=checkpoint_dir,
                     path_in_repo=LAST_CHECKPOINT,
-                    # Replace the previous checkpoint wholesale: a stale file left beside new ones would corrupt a resume.
+                    # Replace the previous checkpoint wholesale: a stale file beside new ones would corrupt a resume.
                     delete_patterns="*",
                     commit_message=f"Last checkpoint, step {step}",
                 ),
@@ -249,10 +252,10 @@ def download_checkpoint(
     api: HfApi | None = None,
     download: Callable[..., str] | None = None,
 ) -> str:
-    """Download ``last-checkpoint/`` of a Hub repo (pushed with ``hub_strategy='checkpoint'``) and return its local path.
+    """Download ``last-checkpoint/`` of a Hub repo pushed with ``hub_strategy='checkpoint'``; return its local path.
 
-    ``download`` defaults to ``api.snapshot_download`` when ``api`` is given, else ``huggingface_hub.snapshot_download``;
-    tests pass a fake. Raises :class:`UserError` if the download fails or the repo holds no checkpoint.
+    ``download`` defaults to ``api.snapshot_download`` when ``api`` is given, else to
+    ``huggingface_hub.snapshot_download``; tests pass a fake. Raises :class:`UserError` if the download fails or the repo holds no checkpoint.
     """
     if download is None:
         download = api.snapshot_download if api is not None else snapshot_download

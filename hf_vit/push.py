@@ -20,8 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hf_vit.push", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="the output_dir of a training run")
     parser.add_argument("--hub_model_id", required=True, help="repo to push to, e.g. user/vit-cifar10 (created if needed)")
-    parser.add_argument("--private", action="store_true", help="create the repo as private (an existing repo keeps its visibility)")
-    parser.add_argument("--hub_token", default=None, help="write token; default: HF_TOKEN, then the cached `hf auth login`")
+    parser.add_argument("--private", action="store_true", help="create a new repo as private")
+    parser.add_argument("--hub_token", default=None, help="write token (default: HF_TOKEN, then `hf auth login`)")
     parser.add_argument(
         "--include_checkpoints", action="store_true", help="also push the latest complete checkpoint to last-checkpoint/"
     )
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> str:
         pusher.on_save(str(checkpoint))
     url = pusher.on_end()
     if pusher.failed_uploads:
-        raise UserError(f"could not push {', '.join(pusher.failed_uploads)} to {args.hub_model_id}; see the warnings above")
+        failed = ", ".join(pusher.failed_uploads)
+        raise UserError(f"could not push {failed} to {args.hub_model_id}; see the warnings above")
     return url
 
 
