@@ -1,0 +1,338 @@
+"""Plots, the model card and a comparison of finished runs.
+
+As a command, compares training runs from their output directories::
+
+    python -m hf_vit.report runs/vit-tiny runs/vit-small --output_dir runs/comparison
+
+It prints a Markdown table (run, model, params, data, epochs, eval accuracy, top-5, train time) and, with
+``--output_dir``, writes ``comparison.md`` and ``comparison.png`` (eval accuracy against epoch for every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from hf_vit.errors import UserError, run_cli
+from hf_vit.evaluation import format_results_table
+
+CARD_TAGS = ["image-classification", "vision", "vit", "hf_vit"]
+
+
+def _new_figure(**kwargs) -> Figure:
+    # A bare Figure on an Agg canvas: no pyplot global state and no display needed, so it is safe in any process.
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_learning_curve(log_history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write a PNG with train loss, eval accuracy and learning rate against the optimisation step.
+
+    ``log_history`` is the list saved as ``output_dir/log_history.json``: train records carry ``train_loss`` and
+    ``learning_rate``, eval records ``eval_accuracy`` (and ``eval_ema_accuracy`` when an EMA model is evaluated).
+    Returns the path written.
+    """
+    def series(key: str) -> tuple[list[float], list[float]]:
+        points = [(record["step"], record[key]) for record in log_history if record.get(key) is not None]
+        return [step for step, _ in points], [value for _, value in points]
+
+    figure = _new_figure(figsize=(8, 9), layout="constrained")
+    loss_axes, accuracy_axes, lr_axes = figure.subplots(3, 1, sharex=True)
+    loss_axes.plot(*series("train_loss"), label="train loss")
+    if any("eval_loss" in record for record in log_history):
+        loss_axes.plot(*series("eval_loss"), marker="o", label="eval loss")
+    loss_axes.set_ylabel("loss")
+    for key, label in (("eval_accuracy", "eval accuracy"), ("eval_ema_accuracy", "eval accuracy (EMA)")):
+        if any(key in record for record in log_history):
+            accuracy_axes.plot(*series(key), marker="o", label=label)
+    accuracy_axes.set_ylabel("accuracy")
+    lr_axes.plot(*series("learning_rate"))
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_xlabel("step")
+    for axes in (loss_axes, accuracy_axes):
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
+    for axes in (loss_axes, accuracy_axes, lr_axes):
+        axes.grid(alpha=0.3)
+    figure.savefig(path, dpi=100)
+    return Path(path)
+
+
+def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str | os.PathLike) -> Path:
+    """Write a PNG of the confusion matrix (rows = true class, columns = predicted class); returns the path.
+
+    Colours show each row normalised to the fraction of its true class, so rare classes stay readable; counts are
+    printed in the cells and class names on the axes only while there are few enough classes to read them.
+    """
+    counts = [[int(value) for value in row] for row in cm]
+    num_labels = len(counts)
+    fractions = [[value / max(sum(row), 1) for value in row] for row in counts]
+    side = min(max(4.0, 0.5 * num_labels + 2), 16.0)
+    figure = _new_figure(figsize=(side + 1.5, side), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, label="fraction of true class")
+    if num_labels <= 30:
+        axes.set_xticks(range(num_labels), label_names, rotation=45, ha="right")
+        axes.set_yticks(range(num_labels), label_names)
+    if num_labels <= 20:
+        for i, row in enumerate(counts):
+            for j, value in enumerate(row):
+                colour = "white" if fractions[i][j] > 0.5 else "black"
+                axes.text(j, i, str(value), ha="center", va="center", color=colour, fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    figure.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _headline(results: dict[str, Any]) -> tuple[float | None, int | None, float | None]:
+    """(accuracy, k, top-k accuracy) from ``compute_metrics`` output or a flat ``eval_``-prefixed results dict."""
+    # float(): a NumPy scalar would be written to the card's YAML as a Python object tag.
+    accuracy = results.get("accuracy", results.get("eval_accuracy"))
+    accuracy = None if accuracy is None else float(accuracy)
+    for key, value in results.items():
+        match = re.fullmatch(r"(?:eval_)?top(\d+)_accuracy", key)
+        if match and value is not None:
+            return accuracy, int(match.group(1)), float(value)
+    return accuracy, None, None
+
+
+def _without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without any key containing "token", at any depth."""
+    return {
+        key: _without_secrets(value) if isinstance(value, dict) else value
+        for key, value in config.items()
+        if "token" not in str(key).lower()
+    }
+
+
+def _markdown_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    config: dict[str, Any],
+    results: dict[str, Any],
+    label_names: list[str],
+    hardware: str,
+    train_runtime: float,
+    dataset_name: str,
+    model_name: str,
+) -> ModelCard:
+    """Write ``output_dir/README.md``, a Hub model card, and return it.
+
+    The YAML header carries the library, tags, dataset, and a ``model-index`` with the accuracy and top-k accuracy
+    from ``results`` (the output of :func:`hf_vit.evaluation.compute_metrics`, or the flat ``eval_*`` dict of
+    ``all_results.json``), so ``ModelCard.load(...).data.eval_results`` reads them back. The body lists the
+    resolved hyper-parameters of ``config`` except any key containing "token", the hardware and training time,
+    and the results table.
+    """
+    config = _without_secrets(config)
+    accuracy, k, top_k = _headline(results)
+    metric_fields = dict(task_type="image-classification", task_name="Image Classification",
+                         dataset_type=dataset_name, dataset_name=dataset_name)
+    eval_results = []
+    if accuracy is not None:
+        eval_results.append(EvalResult(metric_type="accuracy", metric_name="Accuracy", metric_value=accuracy,
+                                       **metric_fields))
+    if top_k is not None:
+        eval_results.append(EvalResult(metric_type=f"top_{k}_accuracy", metric_name=f"Top-{k} accuracy",
+                                       metric_value=top_k, metric_args={"k": k}, **metric_fields))
+    base_model = config.get("model_name_or_path")
+    # base_model must name a Hub repo; a local checkpoint path is not valid metadata, so it stays in the body only.
+    if not base_model or os.path.exists(str(base_model)) or str(base_model).startswith((".", "/", "~")):
+        base_model = None
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=list(CARD_TAGS),
+        datasets=[dataset_name],
+        metrics=["accuracy"],
+        base_model=base_model,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+
+    source = config.get("model_name_or_path")
+    origin = f"fine-tuned from `{source}`" if source else "trained from scratch"
+    architecture = config.get("model_preset") or "Vision Transformer"
+    hyperparameters = "\n".join(
+        ["| hyper-parameter | value |", "|---|---|"]
+        + [f"| {key} | {_markdown_value(value)} |" for key, value in sorted(config.items())]
+    )
+    headline = []
+    if accuracy is not None:
+        headline.append(f"accuracy **{accuracy:.4f}**")
+    if top_k is not None:
+        headline.append(f"top-{k} accuracy **{top_k:.4f}**")
+    body = f"""
+# {model_name}
+
+A {architecture} image classifier over {len(label_names)} classes, {origin} on `{dataset_name}` with hf_vit
+(Transformers, Accelerate, Datasets). On the evaluation split it reaches
+{" and ".join(headline) if headline else "no recorded accuracy"}.
+
+## Training
+
+- Hardware: {hardware}
+- Training time: {_format_duration(train_runtime)}
+
+### Hyper-parameters
+
+{hyperparameters}
+
+## Results
+
+{format_results_table(results, label_names)}
+"""
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    card.save(output_dir / "README.md")
+    return card
+
+
+# ---- comparison of runs ----
+
+def _read(path: Path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle) if path.suffix in (".yaml", ".yml") else json.load(handle)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {what} {path}: {err}") from err
+
+
+def _count_parameters(run_dir: Path, results: dict[str, Any]) -> int | None:
+    if results.get("num_parameters") is not None:
+        return int(results["num_parameters"])
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="numpy") as handle:
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+
+
+def _load_run(run_dir: str) -> dict[str, Any]:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; pass the output_dir of a training run.")
+    if not (path / "all_results.json").is_file():
+        raise UserError(f"{run_dir} has no all_results.json; pass the output_dir of a finished training run.")
+    results = _read(path / "all_results.json", "results file")
+    config = _read(path / "train_config.yaml", "config file") if (path / "train_config.yaml").is_file() else {}
+    history = _read(path / "log_history.json", "log history") if (path / "log_history.json").is_file() else []
+    if not isinstance(results, dict) or not isinstance(config or {}, dict) or not isinstance(history, list):
+        raise UserError(f"{run_dir} holds a results, config or log-history file of an unexpected shape.")
+    model_type = None
+    if (path / "config.json").is_file():
+        model_type = _read(path / "config.json", "model config").get("model_type")
+    return {
+        "dir": path,
+        "results": results,
+        "config": config or {},
+        "history": history,
+        "model": (config or {}).get("model_preset") or (config or {}).get("model_name_or_path") or model_type or "-",
+        "num_parameters": _count_parameters(path, results),
+    }
+
+
+def _format_count(count: int | None) -> str:
+    if count is None:
+        return "-"
+    return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}K"
+
+
+def _format_metric(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def comparison_table(runs: list[dict[str, Any]], names: list[str]) -> str:
+    """Markdown table with one row per loaded run."""
+    lines = [
+        "| run | model | params | data | epochs | eval accuracy | top-5 | train time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in zip(names, runs):
+        config, results = run["config"], run["results"]
+        data = str(config.get("dataset_name", "-"))
+        fraction = config.get("train_fraction")
+        if isinstance(fraction, (int, float)) and fraction < 1:
+            data += f" ({fraction:.0%})"
+        epochs = config.get("num_train_epochs", results.get("epoch", "-"))
+        accuracy, k, top_k = _headline(results)
+        top_k_cell = _format_metric(top_k) + (f" (top-{k})" if k not in (None, 5) else "")
+        cells = [name, run["model"], _format_count(run["num_parameters"]), data, epochs,
+                 _format_metric(accuracy), top_k_cell, _format_duration(results.get("train_runtime"))]
+        lines.append("| " + " | ".join(_markdown_value(cell) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(runs: list[dict[str, Any]], names: list[str], path: str | os.PathLike) -> Path:
+    """Write a PNG of eval accuracy against epoch, one line per run; returns the path."""
+    figure = _new_figure(figsize=(8, 5), layout="constrained")
+    axes = figure.subplots()
+    for name, run in zip(names, runs):
+        points = [(r["epoch"], r["eval_accuracy"]) for r in run["history"] if r.get("eval_accuracy") is not None]
+        if points:
+            axes.plot([epoch for epoch, _ in points], [acc for _, acc in points], marker="o", label=name)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("eval accuracy")
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend()
+    figure.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _run_names(run_dirs: list[str]) -> list[str]:
+    # Directory names read best; fall back to the paths as given when two runs share a name.
+    names = [Path(run_dir).resolve().name for run_dir in run_dirs]
+    return names if len(set(names)) == len(names) else list(run_dirs)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m hf_vit.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a finished training run")
+    parser.add_argument("--output_dir", default=None, help="write comparison.md and comparison.png here")
+    args = parser.parse_args(argv)
+
+    runs = [_load_run(run_dir) for run_dir in args.run_dirs]
+    names = _run_names(args.run_dirs)
+    table = comparison_table(runs, names)
+    print(table)
+    if args.output_dir:
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        plot_comparison(runs, names, output_dir / "comparison.png")
+        (output_dir / "comparison.md").write_text(
+            f"# Run comparison\n\n{table}\n\n![eval accuracy against epoch](comparison.png)\n", encoding="utf-8"
+        )
+    return table
+
+
+if __name__ == "__main__":
+    run_cli(main)
