@@ -1,0 +1,306 @@
+"""Typed run configuration: three dataclass groups, a recipe file, CLI overrides, validation, and the saved copy.
+
+A run is configured by ``--config recipe.yaml`` (a flat mapping of field names to values) plus command-line flags, which
+win over the recipe. Unknown keys — in the recipe or on the command line — are an error, never silently ignored. The
+fully resolved configuration is written to ``output_dir/train_config.yaml``; passing that file back as ``--config``
+reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+from .errors import UserError
+
+CONFIG_FILE_NAME = "train_config.yaml"
+# Never written to disk or logs (the Hub token).
+SECRET_KEYS = ("hub_token",)
+
+
+@dataclass
+class ModelArguments:
+    """What to train: a named preset built from ``ViTConfig``, or a checkpoint to fine-tune."""
+
+    model_preset: Optional[str] = field(
+        default="vit_tiny_cifar",
+        metadata={"help": "Architecture preset (vit_tiny_cifar, vit_small_cifar, vit_base_patch16_224, ...)."},
+    )
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local directory or Hub id of a ViTForImageClassification checkpoint to start from."},
+    )
+    image_size: Optional[int] = field(default=None, metadata={"help": "Input resolution (overrides the preset)."})
+    patch_size: Optional[int] = field(default=None, metadata={"help": "Patch size (overrides the preset)."})
+    hidden_size: Optional[int] = field(default=None, metadata={"help": "Embedding dimension."})
+    num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "Number of transformer blocks."})
+    num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Attention heads per block."})
+    intermediate_size: Optional[int] = field(default=None, metadata={"help": "MLP hidden dimension."})
+    hidden_dropout_prob: float = field(default=0.0, metadata={"help": "Dropout after attention/MLP projections."})
+    attention_probs_dropout_prob: float = field(default=0.0, metadata={"help": "Dropout on attention weights."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Train only the classifier (a linear probe)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the checkpoint's repository to run. Off unless asked."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from and how they are augmented."""
+
+    dataset_name: str = field(
+        default="uoft-cs/cifar10",
+        metadata={"help": "Hub dataset id, or a local path (parquet folder, imagefolder tree, or saved dataset)."},
+    )
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: Optional[str] = field(
+        default=None, metadata={"help": "Split to evaluate on; when absent, `train_val_split` is carved from train."}
+    )
+    train_val_split: float = field(
+        default=0.02,
+        metadata={"help": "Fraction (or count, if >= 1) of train held out for validation when there is no eval split."},
+    )
+    image_column_name: Optional[str] = field(default=None, metadata={"help": "Image column (auto-detected if unset)."})
+    label_column_name: Optional[str] = field(default=None, metadata={"help": "Label column (auto-detected if unset)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset as an IterableDataset."})
+    train_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Examples per epoch when streaming metadata does not say (used for the LR schedule)."},
+    )
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer for streaming datasets."})
+    train_fraction: float = field(
+        default=1.0, metadata={"help": "Keep this deterministic pseudo-random fraction of the training set."}
+    )
+    subset_seed: int = field(default=0, metadata={"help": "Seed of the train_fraction subset (independent of seed)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate train (debugging)."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate eval (debugging)."})
+    augmentation: Literal["basic", "enhanced"] = field(
+        default="basic", metadata={"help": "basic: crop + flip; enhanced: adds TrivialAugmentWide + RandomErasing."}
+    )
+    crop_padding: Optional[int] = field(
+        default=None,
+        metadata={"help": "Pad-and-crop padding (CIFAR-style). Unset: random-resized crop (ImageNet-style)."},
+    )
+    random_resized_crop_scale: float = field(
+        default=0.08, metadata={"help": "Smallest area fraction of the random-resized crop."}
+    )
+    random_erasing_prob: float = field(default=0.25, metadata={"help": "RandomErasing probability (enhanced only)."})
+    mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp alpha (0 disables)."})
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix alpha (0 disables)."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "Loader worker processes per process."})
+    max_bad_sample_fraction: float = field(
+        default=0.01, metadata={"help": "Stop when more than this fraction of seen training images is unusable."}
+    )
+
+
+@dataclass
+class TrainingArguments:
+    """How to optimise, checkpoint, log and publish."""
+
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints and results go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow reusing a folder of another run."})
+    seed: int = field(default=42, metadata={"help": "Seed for model init, data order and augmentation."})
+    total_train_batch_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Global batch = per-device x processes x accumulation; derives per_device_train_batch_size."},
+    )
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Micro-batch per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Eval batch per process."})
+    num_train_epochs: float = field(default=10, metadata={"help": "Epochs to train."})
+    max_train_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (backbone)."})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "Linear warmup length in epochs."})
+    warmup_start_lr: float = field(default=1e-6, metadata={"help": "LR at step 0 of the warmup."})
+    min_lr: float = field(default=1e-6, metadata={"help": "LR at the last step of the cosine decay."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW decoupled weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    head_lr_multiplier: float = field(default=1.0, metadata={"help": "Classifier LR = learning_rate x this."})
+    layer_decay: Optional[float] = field(
+        default=None, metadata={"help": "Layer-wise LR decay: block i runs at decay^(depth - i) (BEiT-style)."}
+    )
+    label_smoothing: float = field(default=0.0, metadata={"help": "Cross-entropy label smoothing."})
+    max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
+    ema_decay: Optional[float] = field(default=None, metadata={"help": "Keep an EMA of the weights (e.g. 0.999)."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Autocast precision."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (default: each epoch)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log train loss and LR every N steps."})
+    checkpointing_steps: Optional[str] = field(
+        default="epoch", metadata={"help": "Save state every N steps, 'epoch', or 'no'."}
+    )
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "Checkpoint folder, 'latest' (newest in output_dir), or a Hub repo id."}
+    )
+    checkpoints_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    max_nonfinite_steps: int = field(default=5, metadata={"help": "Stop after this many non-finite losses in a row."})
+    report_to: str = field(
+        default="auto", metadata={"help": "Trackers: tensorboard, wandb, mlflow, all, none, or auto (tensorboard)."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the model and results to the Hub."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Repository id on the Hub."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    hub_strategy: Literal["end", "every_save", "checkpoint"] = field(
+        default="end", metadata={"help": "When to push (same meanings as the HF Trainer)."}
+    )
+    hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (else HF_TOKEN or cached login)."})
+
+
+ARG_GROUPS = (ModelArguments, DataArguments, TrainingArguments)
+
+
+@dataclass
+class RunConfig:
+    """The three argument groups of one run."""
+
+    model: ModelArguments
+    data: DataArguments
+    train: TrainingArguments
+
+    def to_dict(self, include_secrets: bool = False) -> dict:
+        """Flat ``{field: value}`` over all groups (the recipe format)."""
+        flat = {}
+        for group in (self.model, self.data, self.train):
+            flat.update(dataclasses.asdict(group))
+        if not include_secrets:
+            for key in SECRET_KEYS:
+                flat.pop(key, None)
+        return flat
+
+
+def _field_names() -> set[str]:
+    return {f.name for group in ARG_GROUPS for f in dataclasses.fields(group)}
+
+
+def load_recipe(path: str) -> dict:
+    """Read a flat YAML recipe; unknown keys are an error listing the nearest valid names."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist; pass an existing YAML recipe (see recipes/)")
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"config file {path!r} must be a mapping of option names to values")
+    unknown = sorted(set(recipe) - _field_names())
+    if unknown:
+        raise UserError(f"unknown config key(s) {unknown} in {path}; run with --help for the valid options")
+    return recipe
+
+
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None) -> RunConfig:
+    """Parse ``--config recipe.yaml`` plus CLI flags (CLI wins) into a validated-shape :class:`RunConfig`.
+
+    ``defaults`` lets an entry script set its own defaults (e.g. run_pretrain.py's preset) below the recipe.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe: dict = dict(defaults or {})
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        i = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise UserError("--config needs a path to a YAML recipe")
+            path = argv[i + 1]
+            del argv[i : i + 2]
+        else:
+            path = argv[i].split("=", 1)[1]
+            del argv[i]
+        recipe.update(load_recipe(path))
+    parser = HfArgumentParser(ARG_GROUPS)
+    parser.add_argument("--config", help="YAML recipe; command-line flags override its values.")
+    # Recipe values become parser defaults, so explicit flags still override them.
+    parser.set_defaults(**recipe)
+
+    def one_line_error(message: str):
+        raise UserError(f"{message}; run with --help for the valid options")
+
+    parser.error = one_line_error  # argparse would print the whole usage block and exit
+    # Returns the three groups, a namespace holding --config, and the strings no option claimed.
+    model, data, train, *_, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if remaining:
+        raise UserError(f"unknown argument(s) {remaining}; run with --help for the valid options")
+    cfg = RunConfig(model=model, data=data, train=train)
+    _check_choices(cfg)
+    return cfg
+
+
+def _check_choices(cfg: RunConfig) -> None:
+    # argparse checks choices for flags only; recipe values arrive as defaults and are checked here.
+    for group in (cfg.model, cfg.data, cfg.train):
+        for f in dataclasses.fields(group):
+            choices = getattr(f.type, "__args__", None) if "Literal" in str(f.type) else None
+            value = getattr(group, f.name)
+            if choices and value not in choices:
+                raise UserError(f"{f.name}={value!r} is not one of {list(choices)}")
+
+
+def save_config(cfg: RunConfig, output_dir: str) -> str:
+    """Write the resolved config (without secrets) to ``output_dir/train_config.yaml``; return the path."""
+    path = os.path.join(output_dir, CONFIG_FILE_NAME)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    return path
+
+
+def resolve_batch_sizes(train: TrainingArguments, num_processes: int) -> None:
+    """Derive ``per_device_train_batch_size`` from the global batch (in place); an indivisible split is an error.
+
+    The global batch — and so the LR schedule in optimizer steps — stays the same on 1, 2 or 8 processes:
+    ``total_train_batch_size = per_device x processes x gradient_accumulation_steps``.
+    """
+    if train.total_train_batch_size is None:
+        train.total_train_batch_size = (
+            train.per_device_train_batch_size * num_processes * train.gradient_accumulation_steps
+        )
+        return
+    divisor = num_processes * train.gradient_accumulation_steps
+    if train.total_train_batch_size <= 0 or train.total_train_batch_size % divisor:
+        raise UserError(
+            f"total_train_batch_size={train.total_train_batch_size} is not divisible by processes x "
+            f"gradient_accumulation_steps = {num_processes} x {train.gradient_accumulation_steps}; "
+            "change one of them so the division is exact"
+        )
+    train.per_device_train_batch_size = train.total_train_batch_size // divisor
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check the values a user can get wrong before anything is loaded or written."""
+    t, d = cfg.train, cfg.data
+    if t.learning_rate <= 0:
+        raise UserError(f"learning_rate must be positive (got {t.learning_rate})")
+    if t.num_train_epochs <= 0 and not t.max_train_steps:
+        raise UserError(f"num_train_epochs must be positive (got {t.num_train_epochs})")
+    if t.warmup_epochs < 0 or (t.warmup_epochs and t.warmup_epochs >= t.num_train_epochs):
+        raise UserError(
+            f"warmup_epochs={t.warmup_epochs} must be >= 0 and smaller than num_train_epochs={t.num_train_epochs}"
+        )
+    if t.min_lr < 0 or t.warmup_start_lr < 0:
+        raise UserError("min_lr and warmup_start_lr must be >= 0")
+    if not 0 < d.train_fraction <= 1:
+        raise UserError(f"train_fraction must be in (0, 1] (got {d.train_fraction})")
+    if t.gradient_accumulation_steps < 1 or t.per_device_train_batch_size < 1 or t.per_device_eval_batch_size < 1:
+        raise UserError("batch sizes and gradient_accumulation_steps must be >= 1")
+    if t.layer_decay is not None and not 0 < t.layer_decay <= 1:
+        raise UserError(f"layer_decay must be in (0, 1] (got {t.layer_decay})")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise UserError(f"ema_decay must be in (0, 1) (got {t.ema_decay})")
+    if not 0 <= t.label_smoothing < 1:
+        raise UserError(f"label_smoothing must be in [0, 1) (got {t.label_smoothing})")
+    if t.checkpointing_steps not in (None, "no", "epoch") and not str(t.checkpointing_steps).isdigit():
+        raise UserError(f"checkpointing_steps must be a number of steps, 'epoch' or 'no' (got {t.checkpointing_steps!r})")
+    if d.train_val_split < 0:
+        raise UserError(f"train_val_split must be >= 0 (got {d.train_val_split})")
+    if d.dataloader_num_workers < 0:
+        raise UserError("dataloader_num_workers must be >= 0")
+    if not cfg.model.model_preset and not cfg.model.model_name_or_path:
+        raise UserError("give a model_preset or a model_name_or_path")
