@@ -87,6 +87,12 @@ def _trackers(report_to: str) -> list[str] | None:
     return [r.strip() for r in report_to.split(",")] if report_to != "all" else "all"
 
 
+def _cpu_only_distributed() -> bool:
+    """True for a multi-process launch on a machine without GPUs: accelerate then needs ``cpu=True`` to pick
+    MULTI_CPU (gloo); without it each process would silently train alone."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def check_output_dir(cfg: RunConfig, resuming: bool) -> None:
     """Refuse to write into a folder that holds another run, unless overwriting or resuming it."""
     out = Path(cfg.train.output_dir)
@@ -165,6 +171,7 @@ class Run:
             # Batches are sharded by our own rule (data.py); accelerate never re-shards or dispatches them.
             dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
             step_scheduler_with_optimizer=False,
+            cpu=_cpu_only_distributed(),
         )
         acc = self.accelerator
         resolve_batch_sizes(t, acc.num_processes)
@@ -508,7 +515,10 @@ class Run:
 
 def train(cfg: RunConfig) -> dict:
     """Train according to ``cfg``; returns the final results (also written to all_results.json)."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Only the main process logs at INFO; the others report warnings and errors.
+    main_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if main_process else logging.WARNING)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return Run(cfg).fit()
