@@ -84,7 +84,21 @@ def _trackers(report_to: str) -> list[str] | None:
         except ImportError:
             return None
         return ["tensorboard"]
-    return [r.strip() for r in report_to.split(",")] if report_to != "all" else "all"
+    if report_to == "all":
+        return "all"
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    # accelerate silently drops a tracker whose package is missing; a run asked to log somewhere must not.
+    names = [r.strip() for r in report_to.split(",") if r.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(f"report_to {name!r} is not a tracker; choose from {sorted(LOGGER_TYPE_TO_CLASS)}, "
+                            "all, none or auto")
+        if name not in available:
+            raise UserError(f"report_to {name!r} needs the {name} package, which is not installed; install it or "
+                            "pass --report_to none")
+    return names
 
 
 def _cpu_only_distributed() -> bool:
@@ -269,6 +283,8 @@ class Run:
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        # Every rank writes its own RNG state (and, under FSDP, its shard) into tmp: finalise only once all are done.
+        acc.wait_for_everyone()
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(self.model)
             unwrapped.config.save_pretrained(tmp)
@@ -330,6 +346,55 @@ class Run:
         return raw
 
     # ------------------------------------------------------------------------------------------------ the loop
+    def train_step(self, batches, preemption: Preemption | None = None) -> list[float]:
+        """One optimizer step on ``gradient_accumulation_steps`` micro-batches drawn from the iterator ``batches``:
+        forward, loss, backward, clipping, AdamW, EMA and the LR schedule; a non-finite loss skips the update.
+
+        Returns ``[loss sum, examples, bad examples, non-finite, stop]`` summed over processes (stop: some process
+        received a preemption signal). Benchmarks time exactly this method (benchmarks/bench_train.py).
+        """
+        t, acc, s = self.cfg.train, self.accelerator, self.state
+        model, optimizer, accum = self.model, self.optimizer, t.gradient_accumulation_steps
+        model.train()
+        totals = torch.zeros(5, device=acc.device)  # loss sum, examples, bad, non-finite, stop
+        for micro in range(accum):
+            batch = next(batches)
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model)
+            with sync:
+                pixels = normalize(batch["pixel_values"].to(acc.device, non_blocking=True), self.mean, self.std)
+                targets = batch["labels"].to(acc.device, non_blocking=True)
+                if self.mixer is not None and len(targets):
+                    pixels, targets = self.mixer(pixels, targets)
+                logits = model(pixel_values=pixels).logits
+                loss = classification_loss(logits, targets, t.label_smoothing) if len(targets) \
+                    else logits.sum() * 0.0  # every rank must run backward, even on an empty batch
+                acc.backward(loss / accum)
+            totals += torch.tensor([loss.item() * len(targets), len(targets), len(batch["bad_keys"]),
+                                    float(not math.isfinite(loss.item())), 0.0], device=acc.device)
+            if batch["bad_keys"] and len(s.bad_examples) < 10:
+                s.bad_examples.extend(batch["bad_keys"][: 10 - len(s.bad_examples)])
+                logger.warning("skipped unusable examples: %s", batch["bad_keys"])
+        totals[4] = float(preemption is not None and preemption.requested)
+        # One small all-reduce per step: every rank takes the same skip/stop decisions.
+        totals = acc.reduce(totals, "sum").tolist()
+        if totals[3]:
+            optimizer.zero_grad(set_to_none=True)
+            s.nonfinite_steps += 1
+            s.nonfinite_in_a_row += 1
+            logger.warning("non-finite loss at step %d: step skipped (%d in a row)", s.global_step,
+                           s.nonfinite_in_a_row)
+        else:
+            if t.max_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            s.nonfinite_in_a_row = 0
+            if self.ema is not None:
+                self.ema.update_parameters(acc.unwrap_model(model))
+        self.scheduler.step()
+        return totals
+
     def fit(self) -> dict:
         from .hub import HubPusher
 
@@ -343,7 +408,7 @@ class Run:
         acc.init_trackers("hf_vit", config={k: v for k, v in cfg.to_dict().items()
                                             if isinstance(v, (int, float, str, bool))})
         self._log_setup()
-        model, optimizer, accum = self.model, self.optimizer, t.gradient_accumulation_steps
+        accum = t.gradient_accumulation_steps
         start_time, start_step, last_eval = time.time(), s.global_step, None
         bar = tqdm(total=self.total_steps, initial=s.global_step, disable=not acc.is_local_main_process,
                    desc="train")
@@ -354,47 +419,12 @@ class Run:
                 # Restart the epoch's order and skip what this epoch already consumed (no decoding of skipped data).
                 self.train_stream.set_epoch(s.epoch, skip_micro_batches=s.step_in_epoch * accum)
                 self.train_collate.epoch = s.epoch
-                batches = iter(self.train_loader)
+                # Creating the iterator draws the workers' base seed from the global torch RNG; fork it so that a run
+                # resumed mid-epoch (one extra draw) keeps the RNG stream dropout and MixUp see bit for bit.
+                with torch.random.fork_rng(devices=[]):
+                    batches = iter(self.train_loader)
                 while s.step_in_epoch < self.steps_per_epoch and s.global_step < self.total_steps:
-                    model.train()
-                    totals = torch.zeros(5, device=acc.device)  # loss sum, examples, bad, non-finite, stop
-                    for micro in range(accum):
-                        batch = next(batches)
-                        # Gradients are all-reduced only on the last micro-batch of the step.
-                        sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model)
-                        with sync:
-                            pixels = normalize(batch["pixel_values"].to(acc.device, non_blocking=True), self.mean,
-                                               self.std)
-                            targets = batch["labels"].to(acc.device, non_blocking=True)
-                            if self.mixer is not None and len(targets):
-                                pixels, targets = self.mixer(pixels, targets)
-                            logits = model(pixel_values=pixels).logits
-                            loss = classification_loss(logits, targets, t.label_smoothing) if len(targets) \
-                                else logits.sum() * 0.0  # every rank must run backward, even on an empty batch
-                            acc.backward(loss / accum)
-                        totals += torch.tensor([loss.item() * len(targets), len(targets), len(batch["bad_keys"]),
-                                                float(not math.isfinite(loss.item())), 0.0], device=acc.device)
-                        if batch["bad_keys"] and len(s.bad_examples) < 10:
-                            s.bad_examples.extend(batch["bad_keys"][: 10 - len(s.bad_examples)])
-                            logger.warning("skipped unusable examples: %s", batch["bad_keys"])
-                    totals[4] = float(preemption.requested)
-                    # One small all-reduce per step: every rank takes the same skip/stop decisions.
-                    loss_sum, seen, bad, nonfinite, stop = acc.reduce(totals, "sum").tolist()
-                    if nonfinite:
-                        optimizer.zero_grad(set_to_none=True)
-                        s.nonfinite_steps += 1
-                        s.nonfinite_in_a_row += 1
-                        logger.warning("non-finite loss at step %d: step skipped (%d in a row)", s.global_step,
-                                       s.nonfinite_in_a_row)
-                    else:
-                        if t.max_grad_norm:
-                            acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        s.nonfinite_in_a_row = 0
-                        if self.ema is not None:
-                            self.ema.update_parameters(acc.unwrap_model(model))
-                    self.scheduler.step()
+                    loss_sum, seen, bad, nonfinite, stop = self.train_step(batches, preemption)
                     s.global_step += 1
                     s.step_in_epoch += 1
                     s.samples_seen += int(seen)
