@@ -1,9 +1,14 @@
 """Checkpoints that cannot be half-written: save into ``checkpoint-<step>.tmp``, rename into place when complete.
 
-A checkpoint folder holds accelerate's ``save_state`` output (model.safetensors, optimizer, grad scaler, per-process
-RNG states), ``ema.safetensors`` when an EMA is kept, the model ``config.json`` and image processor (so a pushed
-checkpoint loads on its own), and ``trainer_state.json`` (step, epoch, position in the epoch, counters, log history).
-``trainer_state.json`` is written last, and the rename is atomic, so a folder without ``.tmp`` is always complete.
+A checkpoint folder holds accelerate's ``save_state`` output (model.safetensors, optimizer.bin, scaler.pt under fp16,
+one random_states_<rank>.pkl per process), ``ema.safetensors`` when an EMA is kept, the model ``config.json`` and image
+processor (so a pushed checkpoint loads on its own), and ``trainer_state.json`` (step, epoch, position in the epoch,
+counters, log history). ``trainer_state.json`` is written last and every file is flushed to disk before the rename, and
+the rename is atomic, so a ``checkpoint-<step>`` folder is always complete — after a SIGKILL, and after a power loss.
+
+Whatever must disappear (an old checkpoint beyond ``checkpoints_total_limit``, an earlier checkpoint of the same step)
+is first renamed to a ``.tmp`` name and only then deleted, so a kill during a deletion never leaves a half-deleted
+folder under a checkpoint name. Stale ``.tmp`` folders are removed at the next save.
 """
 
 from __future__ import annotations
@@ -37,16 +42,29 @@ def resolve_resume_path(resume: str, output_dir: str, token: str | None = None) 
         return str(found[-1]) if found else None
     if os.path.isdir(resume):
         if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+            newest = complete_checkpoints(resume)
+            hint = f" (it holds {newest[-1].name}: pass that folder)" if newest else ""
             raise UserError(
-                f"resume_from_checkpoint {resume!r} holds no checkpoint (no {STATE_FILE}); "
+                f"resume_from_checkpoint {resume!r} holds no checkpoint (no {STATE_FILE}){hint}; "
                 "pass a checkpoint-<step> folder or 'latest'"
             )
         return resume
-    if resume.count("/") == 1 and not resume.startswith((".", "/")):
+    if resume.count("/") == 1 and not resume.startswith((".", "/", "~")):
         from .hub import download_checkpoint
 
         return download_checkpoint(resume, token=token)
     raise UserError(f"resume_from_checkpoint {resume!r} does not exist; pass a checkpoint folder, 'latest' or a Hub id")
+
+
+def missing_files(path: str, num_processes: int, with_ema: bool, with_scaler: bool) -> list[str]:
+    """Files a resume needs that ``path`` lacks. accelerate's ``load_state`` skips unreadable RNG states with only an
+    INFO log line, which would make a resume silently inexact, so their presence is checked here."""
+    needed = ["model.safetensors", "optimizer.bin", *(f"random_states_{i}.pkl" for i in range(num_processes))]
+    if with_ema:
+        needed.append("ema.safetensors")
+    if with_scaler:
+        needed.append("scaler.pt")
+    return [name for name in needed if not os.path.isfile(os.path.join(path, name))]
 
 
 def read_state(path: str) -> dict:
@@ -54,14 +72,38 @@ def read_state(path: str) -> dict:
         return json.load(f)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(folder: Path) -> None:
+    """Rename ``folder`` out of the checkpoint namespace (atomic), then delete it."""
+    doomed = folder.with_name(f"{folder.name}.deleting.tmp")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def finalize(tmp_dir: Path, state: dict) -> Path:
-    """Write the trainer state last, then atomically rename ``checkpoint-N.tmp`` -> ``checkpoint-N``."""
+    """Write the trainer state last, flush every file to disk, then atomically rename ``checkpoint-N.tmp`` to
+    ``checkpoint-N``."""
     with open(tmp_dir / STATE_FILE, "w") as f:
         json.dump(state, f)
+    # Without the flush a power loss after the rename can leave a complete-looking folder of empty files.
+    for file in tmp_dir.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    _fsync(tmp_dir)
     final = tmp_dir.with_suffix("")
     if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp_dir, final)
+    _fsync(final.parent)
     return final
 
 
@@ -73,4 +115,4 @@ def rotate(output_dir: str, limit: int | None) -> None:
     if limit is None or limit <= 0:
         return
     for old in complete_checkpoints(output_dir)[:-limit]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import shutil
 import signal
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -313,7 +315,16 @@ class Run:
                 f"checkpoint {path!r} is mid-epoch with data layout {layout}, this run has {self.state.layout}; "
                 "resume with the same dataloader_num_workers and batch sizes"
             )
-        acc.load_state(path)
+        missing = ckpt.missing_files(path, acc.num_processes, with_ema=self.ema is not None and
+                                     saved.get("n_averaged", 0) > 0, with_scaler=acc.scaler is not None)
+        if missing:
+            raise UserError(f"checkpoint {path!r} is incomplete (missing {missing}); resume from another checkpoint")
+        try:
+            # Loads model.safetensors, and optimizer.bin / random_states_<rank>.pkl / scaler.pt with weights_only=True.
+            acc.load_state(path)
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+            raise UserError(f"checkpoint {path!r} does not fit this run ({str(err).splitlines()[0][:300]}); resume "
+                            "with the model and optimizer settings it was written with") from None
         n_averaged = saved.pop("n_averaged", 0)
         for key, value in saved.items():
             setattr(self.state, key, value)
@@ -378,15 +389,19 @@ class Run:
         totals[4] = float(preemption is not None and preemption.requested)
         # One small all-reduce per step: every rank takes the same skip/stop decisions.
         totals = acc.reduce(totals, "sum").tolist()
+        if not totals[3] and t.max_grad_norm:
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+            # A finite loss can still give inf/NaN gradients, and one such update poisons every weight. (Under fp16
+            # the grad scaler skips those steps itself, and must see them to lower its scale.) The norm is global,
+            # so every rank decides alike.
+            totals[3] = float(acc.scaler is None and not math.isfinite(grad_norm))
         if totals[3]:
             optimizer.zero_grad(set_to_none=True)
             s.nonfinite_steps += 1
             s.nonfinite_in_a_row += 1
-            logger.warning("non-finite loss at step %d: step skipped (%d in a row)", s.global_step,
+            logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", s.global_step + 1,
                            s.nonfinite_in_a_row)
         else:
-            if t.max_grad_norm:
-                acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             s.nonfinite_in_a_row = 0
@@ -433,9 +448,12 @@ class Run:
                     if not nonfinite:
                         loss_window.append(loss_sum / max(1.0, seen))
                     if s.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                        good = ckpt.complete_checkpoints(t.output_dir)
                         raise UserError(
-                            f"{s.nonfinite_in_a_row} non-finite losses in a row (step {s.global_step}); stopping. "
-                            "Lower learning_rate or use bf16 instead of fp16; the last good checkpoint is kept"
+                            f"{s.nonfinite_in_a_row} non-finite losses or gradients in a row (steps "
+                            f"{s.global_step - s.nonfinite_in_a_row + 1}-{s.global_step}); stopping. Lower "
+                            "learning_rate, keep max_grad_norm on, or use bf16 instead of fp16; the last good "
+                            f"checkpoint is {str(good[-1]) if good else 'none (none was saved before the first one)'}"
                         )
                     self._check_bad_samples(end_of_epoch=False)
                     if s.global_step % t.logging_steps == 0 or s.global_step == self.total_steps:
@@ -457,8 +475,10 @@ class Run:
                         preempted = True
                         self.save_checkpoint()
                         break
-                    if (save_every and s.global_step % save_every == 0) or (
-                            t.checkpointing_steps == "epoch" and end_of_epoch):
+                    # No checkpoint inside a run of non-finite steps: it may hold diverged state, and its rotation
+                    # would delete the last good checkpoint.
+                    if ((save_every and s.global_step % save_every == 0) or (
+                            t.checkpointing_steps == "epoch" and end_of_epoch)) and not s.nonfinite_in_a_row:
                         self.save_checkpoint()
                     if end_of_epoch:
                         break
