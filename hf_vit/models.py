@@ -11,6 +11,7 @@ import logging
 import os
 
 import torch
+from safetensors import SafetensorError
 from transformers import ViTConfig, ViTForImageClassification
 
 from .config import ModelArguments
@@ -123,7 +124,7 @@ def load_pretrained(args: ModelArguments, label_names: list[str]) -> ViTForImage
             path, config=config, ignore_mismatched_sizes=True, use_safetensors=True,
             output_loading_info=True, trust_remote_code=args.trust_remote_code, attn_implementation="sdpa",
         )
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # SafetensorError: a corrupt file
         raise UserError(f"cannot load weights from {path!r}: {str(err).splitlines()[0]}") from None
 
     if source_size != target_size:
