@@ -104,7 +104,8 @@ def find_column(columns: list[str], requested: str | None, candidates: tuple[str
     """The requested column, or the single known name present; errors list the columns that exist."""
     if requested:
         if requested not in columns:
-            raise UserError(f"{what} column {requested!r} not found; the dataset has columns {columns}")
+            raise UserError(f"{what} column {requested!r} not found; the dataset has columns {columns}: pass one of "
+                            f"them as --{what}_column_name")
         return requested
     found = [c for c in candidates if c in columns]
     if not found:
