@@ -93,11 +93,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, t
     return LambdaLR(optimizer, factor)
 
 
+def _ema_multi_avg_fn(decay: float):
+    """torch's EMA update for floating tensors; integer buffers (counters such as ``num_batches_tracked``) are
+    copied instead, because torch's fallback would truncate ``decay * ema + (1 - decay) * value`` and freeze them."""
+    float_update = get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(ema_tensors, model_tensors, num_averaged):
+        if torch.is_floating_point(ema_tensors[0]) or torch.is_complex(ema_tensors[0]):
+            float_update(ema_tensors, model_tensors, num_averaged)
+        else:
+            torch._foreach_copy_(ema_tensors, model_tensors)
+
+    return update
+
+
 class EMA(AveragedModel):
-    """Exponential moving average of the weights (and buffers), updated after every optimizer step."""
+    """Exponential moving average of the weights and floating buffers, updated after every optimizer step.
+
+    The first update copies the model (``n_averaged`` 0 -> 1); every later one sets
+    ``ema = decay * ema + (1 - decay) * current``.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        super().__init__(model, multi_avg_fn=_ema_multi_avg_fn(decay), use_buffers=True)
         self.decay = decay
 
 
