@@ -95,6 +95,12 @@ class DataArguments:
     mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp alpha (0 disables)."})
     cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix alpha (0 disables)."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Loader worker processes per process."})
+    data_on_device: bool = field(
+        default=False,
+        metadata={"help": "Decode the train split once into a uint8 tensor on the device and augment whole batches "
+                          "there, without loader workers (map-style data that fits in memory, pad-and-crop training; "
+                          "see hf_vit/device_data.py). Eval keeps the loader."},
+    )
     max_bad_sample_fraction: float = field(
         default=0.01, metadata={"help": "Stop when more than this fraction of seen training images is unusable."}
     )

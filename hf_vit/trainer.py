@@ -32,6 +32,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig, resolve_batch_sizes, save_config, validate
 from .data import (DecodeCollate, ExampleStream, ImageSpec, batch_mixer, build_image_processor, build_loader,
                    eval_transform, load_splits, normalize, train_transform)
+from .device_data import build_device_train_data
 from .errors import UserError
 from .models import build_model, num_parameters, training_flops_per_image
 from .optim import EMA, build_optimizer, build_scheduler, classification_loss
@@ -211,13 +212,20 @@ class Run:
         self.spec = ImageSpec.from_processor(self.processor, d.crop_padding)
 
         workers = d.dataloader_num_workers
-        self.train_stream = ExampleStream(self.data.train, t.per_device_train_batch_size, acc.process_index,
-                                          acc.num_processes, workers, t.seed, shuffle=True,
-                                          shuffle_buffer_size=d.shuffle_buffer_size)
-        self.train_collate = DecodeCollate(train_transform(self.spec, d), self.data.image_column,
-                                           self.data.label_column, len(self.label_names), t.seed, train=True)
         pin = acc.device.type == "cuda"
-        self.train_loader = build_loader(self.train_stream, self.train_collate, workers, pin)
+        if d.data_on_device:
+            # The decoded train split lives on the device and serves augmented batches itself: it stands in for the
+            # stream, the collate (whose epoch the loop sets) and the loader, with one consumer per process.
+            self.train_stream = self.train_collate = self.train_loader = build_device_train_data(
+                self.data, self.spec, d, t.per_device_train_batch_size, acc.process_index, acc.num_processes,
+                t.seed, acc.device)
+        else:
+            self.train_stream = ExampleStream(self.data.train, t.per_device_train_batch_size, acc.process_index,
+                                              acc.num_processes, workers, t.seed, shuffle=True,
+                                              shuffle_buffer_size=d.shuffle_buffer_size)
+            self.train_collate = DecodeCollate(train_transform(self.spec, d), self.data.image_column,
+                                               self.data.label_column, len(self.label_names), t.seed, train=True)
+            self.train_loader = build_loader(self.train_stream, self.train_collate, workers, pin)
         micro = self.train_stream.micro_batches_per_epoch(self.data.num_train_examples)
         self.steps_per_epoch = micro // t.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
@@ -247,7 +255,9 @@ class Run:
         self.mixer = batch_mixer(d, len(self.label_names))
         self.mean = torch.tensor(self.spec.mean, device=acc.device)
         self.std = torch.tensor(self.spec.std, device=acc.device)
-        self.state = LoopState(layout={"num_processes": acc.num_processes, "dataloader_num_workers": workers,
+        # data_on_device shards like a loader without workers (one consumer per process), whatever eval's workers.
+        self.state = LoopState(layout={"num_processes": acc.num_processes,
+                                       "dataloader_num_workers": 0 if d.data_on_device else workers,
                                        "per_device_train_batch_size": t.per_device_train_batch_size})
 
     # ------------------------------------------------------------------------------------------------- helpers
