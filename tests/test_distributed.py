@@ -1,0 +1,237 @@
+"""Distributed training (issue 8), proved with real processes: ``accelerate launch`` with 2 CPU processes (gloo).
+
+Each run is made once per module and shared by the assertions:
+
+* the same fine-tuning run (real CIFAR-10, tiny ViT, 20 steps) on 1 process and on 2 processes — the 2-process one
+  under a write auditor (``tests/dist_hooks/sitecustomize.py``) that logs every Python-level write per rank and makes
+  rank 1 late at each checkpoint;
+* a pretraining run (``run_pretrain.py``, streamed ImageNet sample, random-resized crops, 2 loader workers and 2
+  accumulation micro-batches per process);
+* ``tests/dist_probe.py`` under 2 processes x 2 loader workers: the keys every rank's real loader yields in an epoch,
+  for map-style and streaming data, built by the trainer's own ``Run``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fnmatch
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import CIFAR10, IMAGENET_SAMPLE, REPO, TINY_ARGS, run_script
+from hf_vit.optim import lr_at
+
+# 320 train examples, global batch 32, 2 epochs: 10 optimizer steps per epoch on any number of processes.
+FINETUNE = [*TINY_ARGS, "--max_train_samples", "320", "--total_train_batch_size", "32", "--num_train_epochs", "2",
+            "--warmup_epochs", "0.5", "--learning_rate", "1e-3", "--logging_steps", "1",
+            "--per_device_eval_batch_size", "24", "--report_to", "tensorboard"]
+FINETUNE_STEPS, FINETUNE_WARMUP = 20, 5
+# The pretraining path: streamed ImageNet photos, random-resized crops (no --crop_padding), a tiny ViT at 32 px.
+# 128 examples, global batch 32 = 8 per process x 2 processes x 2 accumulation: 4 steps per epoch.
+PRETRAIN = ["--dataset_name", str(IMAGENET_SAMPLE), "--streaming", "true", "--image_size", "32", "--patch_size", "8",
+            "--hidden_size", "64", "--intermediate_size", "128", "--num_hidden_layers", "2", "--num_attention_heads",
+            "2", "--max_train_samples", "128", "--total_train_batch_size", "32", "--gradient_accumulation_steps", "2",
+            "--num_train_epochs", "2", "--warmup_epochs", "0.5", "--learning_rate", "1e-3",
+            "--dataloader_num_workers", "2", "--max_eval_samples", "16", "--per_device_eval_batch_size", "8",
+            "--logging_steps", "1", "--report_to", "none"]
+PRETRAIN_STEPS, PRETRAIN_WARMUP = 8, 2
+LATE_RANK_SECONDS = 1  # how late rank 1 arrives at every checkpoint in the 2-process run
+TIMEOUT = 300  # a rank stuck in a collective would hold the whole launch past this
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def listing(root: Path) -> set[str]:
+    """Every file under root, relative; the tensorboard run folder (a start time) and event file suffix (host, time,
+    pid) are blanked out."""
+    def blank(part: str) -> str:
+        if part.startswith("events.out.tfevents."):
+            return "events.out.tfevents.*"
+        return "*" if re.fullmatch(r"\d+\.\d+", part) else part
+
+    return {"/".join(blank(part) for part in path.relative_to(root).parts) for path in root.rglob("*") if path.is_file()}
+
+
+def expected_lrs(total: int, warmup: int) -> list[float]:
+    """The LR logged after each optimizer step s: the schedule evaluated once per step, at s."""
+    return [lr_at(s, total, warmup, 1e-3, 1e-6, 1e-6) for s in range(1, total + 1)]
+
+
+@pytest.fixture(scope="module")
+def one_proc(tmp_path_factory, cifar10_path) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "one"
+    run_script(["run_finetune.py", *FINETUNE, "--output_dir", str(out)], timeout=TIMEOUT)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_proc(tmp_path_factory, cifar10_path) -> tuple[Path, dict[int, list[dict]]]:
+    """The 2-process run and its audit log, ``{rank: [write event, ...]}``."""
+    base = tmp_path_factory.mktemp("dist")
+    out, log = base / "two", base / "audit"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "dist_hooks"),
+                                                        os.environ.get("PYTHONPATH")])),
+           "HF_VIT_AUDIT_ROOT": str(out), "HF_VIT_AUDIT_LOG": str(log),
+           "HF_VIT_AUDIT_DELAY_RANK1": str(LATE_RANK_SECONDS)}
+    run_script(["run_finetune.py", *FINETUNE, "--output_dir", str(out)], nproc=2, env=env, timeout=TIMEOUT)
+    events = {rank: [json.loads(line) for line in (log / f"rank{rank}.jsonl").read_text().splitlines()]
+              for rank in (0, 1)}
+    return out, events
+
+
+@pytest.fixture(scope="module")
+def pretrain(tmp_path_factory, imagenet_sample_path) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "pretrain"
+    run_script(["run_pretrain.py", *PRETRAIN, "--output_dir", str(out)], nproc=2, timeout=TIMEOUT)
+    return out
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory, cifar10_path, imagenet_sample_path) -> Path:
+    base = tmp_path_factory.mktemp("probe")
+    run_script(["tests/dist_probe.py", str(base),
+                "map", "--", *FINETUNE, "--dataloader_num_workers", "2", "--output_dir", str(base / "map"), "::",
+                "stream", "--", *PRETRAIN, "--output_dir", str(base / "stream")], nproc=2, timeout=TIMEOUT)
+    return base
+
+
+# --------------------------------------------------------------------------- the same optimisation on 1 or 2 processes
+def test_two_processes_take_the_same_steps_at_the_same_learning_rates_as_one(one_proc, two_proc):
+    results = {n: read_json(d / "all_results.json") for n, d in (("one", one_proc), ("two", two_proc[0]))}
+    logs = {n: [r for r in read_json(d / "log_history.json") if "learning_rate" in r]
+            for n, d in (("one", one_proc), ("two", two_proc[0]))}
+    for name in ("one", "two"):
+        assert results[name]["global_step"] == FINETUNE_STEPS
+        assert results[name]["train_samples_seen"] == 2 * 320  # every example once per epoch
+        assert [r["step"] for r in logs[name]] == list(range(1, FINETUNE_STEPS + 1))
+        # One scheduler step per optimizer step: stepping it once per process would run the schedule 2x as fast.
+        assert [r["learning_rate"] for r in logs[name]] == pytest.approx(expected_lrs(FINETUNE_STEPS, FINETUNE_WARMUP),
+                                                                        rel=1e-9)
+    assert [r["learning_rate"] for r in logs["one"]] == [r["learning_rate"] for r in logs["two"]]
+
+
+def test_two_processes_see_the_same_batches_so_the_losses_match_one_process(one_proc, two_proc):
+    # Same init, same examples in every global batch (one loader worker: per-step identity), same augmentation
+    # (seeded per example): only the float order of the gradient all-reduce differs.
+    one = [r["train_loss"] for r in read_json(one_proc / "log_history.json") if "train_loss" in r]
+    two = [r["train_loss"] for r in read_json(two_proc[0] / "log_history.json") if "train_loss" in r]
+    assert len(one) == len(two) == FINETUNE_STEPS
+    assert two == pytest.approx(one, rel=1e-4)
+    assert one[-1] < one[0]  # it trains
+
+
+def test_pretraining_streams_under_two_processes_with_accumulation(pretrain):
+    results = read_json(pretrain / "all_results.json")
+    assert results["global_step"] == PRETRAIN_STEPS
+    assert results["train_samples_seen"] == 2 * 128
+    lrs = [r["learning_rate"] for r in read_json(pretrain / "log_history.json") if "learning_rate" in r]
+    assert lrs == pytest.approx(expected_lrs(PRETRAIN_STEPS, PRETRAIN_WARMUP), rel=1e-9)
+    assert results["eval_samples"] > 0 and (pretrain / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------ exact coverage by example keys
+@pytest.mark.parametrize("name", ["map", "stream"])
+def test_each_example_reaches_exactly_one_rank_and_worker_once_per_epoch(probe, name):
+    epoch = read_json(probe / f"{name}.epoch.json")  # the epoch's order, as one consumer sees it
+    ranks = [read_json(probe / f"{name}.rank{r}.json") for r in (0, 1)]
+    world, workers, block = ranks[0]["world"], ranks[0]["workers"], ranks[0]["per_device_train_batch_size"]
+    assert (world, workers) == (2, 2)
+    seen = collections.Counter(k for rank in ranks for batch in rank["batches"] for k in batch)
+    assert len(epoch) == len(set(epoch)) == ranks[0]["num_train_examples"]
+    assert set(seen) == set(epoch) and set(seen.values()) == {1}
+    # Every rank runs the same number of micro-batches (nobody waits in a collective for a rank that ran out) ...
+    per_rank = ranks[0]["steps_per_epoch"] * ranks[0]["gradient_accumulation_steps"]
+    assert [len(rank["batches"]) for rank in ranks] == [per_rank, per_rank]
+    # ... and micro-batch m of rank r is block (m // W) * C + r * W + m % W of the epoch's order. So round i of C
+    # blocks is the same slice of the same order whatever the process count: with the global batch fixed, 1 and N
+    # processes train on the same examples in every round (and in every step when there is one worker per process).
+    consumers = world * workers
+    for r, rank in enumerate(ranks):
+        for m, batch in enumerate(rank["batches"]):
+            b = (m // workers) * consumers + r * workers + m % workers
+            assert batch == epoch[b * block:(b + 1) * block], (name, r, m)
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+def test_eval_under_two_processes_equals_one_process_on_the_same_weights(two_proc, tmp_path):
+    """The 2-process run's final eval (ranks hold 72 and 56 of the 128 images) against ``python -m hf_vit.eval`` on
+    one process over the same validation slice of the saved model."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from hf_vit import eval as hf_eval
+
+    out = two_proc[0]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            hf_eval.main(["--model_name_or_path", str(out), "--dataset_name", str(CIFAR10), "--eval_split", "train",
+                          "--train_val_split", "0.02", "--seed", "42", "--max_eval_samples", "128",
+                          "--per_device_eval_batch_size", "24", "--dataloader_num_workers", "0",
+                          "--output_dir", str(tmp_path)])
+    finally:  # accelerate's process-wide singletons must not leak into other tests
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    one, two = read_json(tmp_path / "eval_results.json"), read_json(out / "eval_results.json")
+    assert one["eval_samples"] == two["eval_samples"] == 128
+    for key in ("eval_accuracy", "eval_top5_accuracy", "per_class", "confusion_matrix"):
+        assert one[key] == two[key], key
+    assert one["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- only the main process writes
+def test_two_processes_leave_the_same_files_as_one_plus_rank_1_rng_states(one_proc, two_proc):
+    out, _ = two_proc
+    one = listing(one_proc)
+    rank1_rng = {f"{c}/random_states_1.pkl" for c in ("checkpoint-10", "checkpoint-20")}
+    assert {"model.safetensors", "all_results.json", "README.md", "hf_vit/*/events.out.tfevents.*",
+            "checkpoint-20/random_states_0.pkl"} <= one
+    assert listing(out) == one | rank1_rng
+
+
+def test_rank_1_writes_nothing_but_its_rng_state(two_proc):
+    _, events = two_proc
+    # Rank 1's only Python-level writes are the folder accelerate.save_state makes before writing its
+    # random_states_1.pkl (torch.save writes natively, so the file itself is not an audit event; the listing shows it).
+    assert {(e["event"], *e["paths"]) for e in events[1]} == {("os.mkdir", "checkpoint-10.tmp"),
+                                                               ("os.mkdir", "checkpoint-20.tmp")}
+    written = {e["paths"][0] for e in events[0] if e["event"] == "open"}
+    assert {"all_results.json", "log_history.json", "eval_results.json", "README.md", "train_config.yaml",
+            "checkpoint-20.tmp/trainer_state.json"} <= written
+    assert len([p for p in written if fnmatch.fnmatch(p, "hf_vit/*/events.out.tfevents.*")]) == 1
+
+
+def test_checkpoints_are_complete_when_a_rank_saves_late(two_proc):
+    out, events = two_proc
+    # Rank 1 slept at each save; the main process still renamed checkpoint-N.tmp only after rank 1 had written
+    # into it, so every checkpoint holds both ranks' RNG states and no .tmp folder is left behind.
+    for step in (10, 20):
+        assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {
+            p.name for p in (out / f"checkpoint-{step}").iterdir()}
+    assert not list(out.glob("*.tmp"))
+    # Rank 1 named those folders from its own step counter, so it reached steps 10 and 20 with rank 0; its last write
+    # into each came before the main process renamed it.
+    renamed = {e["paths"][0]: e["t"] for e in events[0] if e["event"] == "os.rename"}
+    assert set(renamed) == {"checkpoint-10.tmp", "checkpoint-20.tmp"}
+    for folder, t in renamed.items():
+        assert max(e["t"] for e in events[1] if e["paths"][0] == folder) < t
+
+
+# ------------------------------------------------------------------------------- resume with another process count
+def test_resuming_a_two_process_checkpoint_on_one_process_is_refused_in_one_line(two_proc):
+    out, _ = two_proc
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    proc = run_script(["run_finetune.py", *FINETUNE, "--output_dir", str(out), "--resume_from_checkpoint", "latest"],
+                      check=False, timeout=TIMEOUT)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and str(out / "checkpoint-20") in error[0]
+    assert "written by 2 processes, this run has 1" in error[0] and "--num_processes" in error[0]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before writing anything
