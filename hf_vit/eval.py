@@ -1,0 +1,247 @@
+"""Evaluate a ViT image classifier on one split of a dataset.
+
+    python -m hf_vit.eval --model_name_or_path outputs/cifar10_vit_tiny --dataset_name uoft-cs/cifar10 \
+        --eval_split test [--per_device_eval_batch_size 256] [--output_dir DIR]
+    accelerate launch -m hf_vit.eval ...            # the same numbers on any number of processes
+
+The model is any checkpoint this pipeline wrote, or any ``ViTForImageClassification`` whose labels are the dataset's
+class names in the same order. Preprocessing comes from the checkpoint's own image processor, and the loop, the
+sharding and the metrics are the trainer's (``hf_vit.trainer.evaluate_model``), so a checkpoint scores here exactly
+what it scored at the end of training on the same images.
+
+``--train_val_split F --seed S`` evaluates the validation slice a training run with the same ``train_val_split``
+and ``seed`` carved out of ``--eval_split`` (how a train-only dataset such as CIFAR-10 is validated). Writes
+``eval_results.json``, ``confusion_matrix.json`` and ``confusion_matrix.png`` to ``--output_dir`` (default: the
+model folder when it is local and writable, else ``./eval_<model name>``) and prints the results table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from accelerate import Accelerator, PartialState
+from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, ViTForImageClassification
+
+from .config import DataArguments
+from .data import (DecodeCollate, ExampleStream, ImageSpec, _load, build_loader, eval_transform, is_local_path,
+                   load_splits)
+from .errors import UserError, run_cli
+from .evaluation import format_results_table
+from .trainer import _cpu_only_distributed, _top5, evaluate_model
+
+logger = logging.getLogger("hf_vit")
+
+
+@dataclass
+class EvalArguments:
+    """What to evaluate on which data (flag names as in the HF examples and the training scripts)."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Local folder or Hub id of a ViTForImageClassification with its image processor."}
+    )
+    dataset_name: str = field(
+        metadata={"help": "Hub dataset id, or a local path (parquet folder, imagefolder tree, or saved dataset)."}
+    )
+    eval_split: Optional[str] = field(default=None, metadata={"help": "Split to evaluate (e.g. test, validation)."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_val_split: float = field(
+        default=0.0,
+        metadata={"help": "Evaluate only the validation slice (fraction, or count if >= 1) that training carves out "
+                          "of eval_split with the same train_val_split and seed; 0 evaluates the whole split."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the carved validation slice (the training run's seed)."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Eval batch per process."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N examples."})
+    output_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where results go (default: the model folder if local and writable, else ./eval_<name>)."},
+    )
+    image_column_name: Optional[str] = field(default=None, metadata={"help": "Image column (auto-detected if unset)."})
+    label_column_name: Optional[str] = field(default=None, metadata={"help": "Label column (auto-detected if unset)."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "Loader worker processes per process."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Autocast precision."})
+
+
+def default_output_dir(model_name_or_path: str) -> str:
+    """The model folder when it is local and writable (results sit beside the weights), else ``./eval_<name>``."""
+    path = os.path.expanduser(model_name_or_path)
+    if os.path.isdir(path) and os.access(path, os.W_OK):
+        return path
+    return os.path.join(os.getcwd(), "eval_" + os.path.basename(os.path.normpath(path)))
+
+
+def _shorten(names: list[str], keep: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:keep])
+    return f"[{shown}{', ...' if len(names) > keep else ''}]"
+
+
+def check_labels(model_labels: list[str], data_labels: list[str], model_name: str, dataset_name: str) -> None:
+    """Raise a one-line UserError unless the model's classes are the dataset's class names in the same order."""
+    if model_labels == data_labels:
+        return
+    if len(model_labels) != len(data_labels):
+        raise UserError(
+            f"model {model_name!r} predicts {len(model_labels)} classes {_shorten(model_labels)} but dataset "
+            f"{dataset_name!r} has {len(data_labels)} classes {_shorten(data_labels)}; evaluate on a dataset with "
+            "the model's labels"
+        )
+    i = next(i for i, (a, b) in enumerate(zip(model_labels, data_labels)) if a != b)
+    raise UserError(
+        f"class {i} is {model_labels[i]!r} in model {model_name!r} but {data_labels[i]!r} in dataset "
+        f"{dataset_name!r}; the labels must be the same names in the same order"
+    )
+
+
+def _data_arguments(args: EvalArguments) -> DataArguments:
+    """The data stage's arguments for one split: carving the validation slice treats the split as the train split
+    of the training run, so the slice is the same examples."""
+    carve = args.train_val_split > 0
+    return DataArguments(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_split=args.eval_split,
+        eval_split=None if carve else args.eval_split, train_val_split=args.train_val_split,
+        image_column_name=args.image_column_name, label_column_name=args.label_column_name,
+        max_eval_samples=args.max_eval_samples, dataloader_num_workers=args.dataloader_num_workers,
+    )
+
+
+def _model_config(path: str):
+    """The checkpoint's config; a missing folder, an unreachable Hub id or another model type is a one-line error."""
+    if is_local_path(path) and not os.path.isdir(path):
+        raise UserError(f"model_name_or_path {path!r} is not a folder; pass a folder written by save_pretrained "
+                        "or a Hub id")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path!r} holds no model (no config.json); pass a folder written by save_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a model config from {path!r} ({str(err).splitlines()[0]}); pass a folder "
+                        "written by save_pretrained or a reachable Hub id") from None
+    if config.model_type != "vit":
+        raise UserError(f"{path!r} is a {config.model_type!r} model; hf_vit.eval evaluates ViTForImageClassification "
+                        "checkpoints")
+    return config
+
+
+def _load_model(path: str, config) -> tuple[ViTForImageClassification, object]:
+    try:
+        model, info = ViTForImageClassification.from_pretrained(path, config=config, output_loading_info=True,
+                                                                attn_implementation="sdpa")
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"cannot load weights from {path!r}: {str(err).splitlines()[0]}") from None
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        missing = sorted(info.get("missing_keys", [])) + [k for k, *_ in info.get("mismatched_keys", [])]
+        raise UserError(
+            f"{path!r} is not a complete image classifier: {missing[:4]} would be randomly initialised; "
+            "evaluate a checkpoint with a trained classification head"
+        )
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"no image processor in {path!r} ({str(err).splitlines()[0]}); the eval needs the checkpoint's "
+            "preprocessor_config.json"
+        ) from None
+    return model, processor
+
+
+def evaluate(args: EvalArguments) -> dict:
+    """Evaluate ``args.model_name_or_path`` on the chosen split; returns (and writes) the eval results."""
+    if args.per_device_eval_batch_size < 1 or args.dataloader_num_workers < 0 or args.train_val_split < 0:
+        raise UserError("per_device_eval_batch_size must be >= 1, dataloader_num_workers and train_val_split >= 0")
+    config = _model_config(args.model_name_or_path)
+    state = PartialState(cpu=_cpu_only_distributed())
+    data_args = _data_arguments(args)
+    # The main process builds the datasets cache first, the others reuse it (accelerate's main_process_first, except
+    # that the main process also reaches the barrier when it fails: the others then meet the same one-line error
+    # instead of a broken connection).
+    if not state.is_main_process:
+        state.wait_for_everyone()
+    try:
+        splits = list(_load(data_args, None).keys())
+        if args.eval_split is None:
+            raise UserError(f"pass --eval_split; dataset {args.dataset_name!r} has splits {splits}")
+        if args.eval_split not in splits:
+            raise UserError(f"split {args.eval_split!r} not found; dataset {args.dataset_name!r} has splits {splits}")
+        data = load_splits(data_args, args.seed)
+    finally:
+        if state.is_main_process:
+            state.wait_for_everyone()
+    check_labels([config.id2label[i] for i in range(config.num_labels)], data.label_names, args.model_name_or_path,
+                 args.dataset_name)
+    if not data.num_eval_examples:
+        raise UserError(f"split {args.eval_split!r} of {args.dataset_name!r} leaves no examples to evaluate "
+                        f"(train_val_split={args.train_val_split}, max_eval_samples={args.max_eval_samples})")
+    model, processor = _load_model(args.model_name_or_path, config)
+    try:
+        spec = ImageSpec.from_processor(processor)
+    except (AttributeError, KeyError, TypeError) as err:
+        raise UserError(f"the image processor of {args.model_name_or_path!r} gives no square size, mean and std "
+                        f"({err}); evaluate a ViT checkpoint with a ViT/DeiT image processor") from None
+
+    acc = Accelerator(mixed_precision=args.mixed_precision, cpu=_cpu_only_distributed())
+    workers = args.dataloader_num_workers
+    stream = ExampleStream(data.eval, args.per_device_eval_batch_size, acc.process_index, acc.num_processes, workers,
+                           args.seed, shuffle=False, drop_incomplete_round=False)
+    collate = DecodeCollate(eval_transform(spec), data.image_column, data.label_column, len(data.label_names),
+                            args.seed, train=False)
+    loader = build_loader(stream, collate, workers, pin_memory=acc.device.type == "cuda")
+    what = (f"the {args.train_val_split:g} validation slice (seed {args.seed}) of split {args.eval_split!r}"
+            if args.train_val_split > 0 else f"split {args.eval_split!r}")
+    logger.info("Evaluating %s on %s of %s: %d examples, %d process(es), image size %d, mean %s, std %s",
+                args.model_name_or_path, what, args.dataset_name, data.num_eval_examples, acc.num_processes,
+                spec.image_size, spec.mean, spec.std)
+    mean = torch.tensor(spec.mean, device=acc.device)
+    std = torch.tensor(spec.std, device=acc.device)
+    metrics = evaluate_model(model.to(acc.device), loader, stream, acc, mean, std, data.label_names)
+
+    results = {"eval_accuracy": metrics["accuracy"], "eval_top5_accuracy": _top5(metrics),
+               "eval_loss": metrics["loss"], "eval_samples": metrics["samples"], "per_class": metrics["per_class"],
+               "confusion_matrix": metrics["confusion_matrix"], "model_name_or_path": args.model_name_or_path,
+               "dataset_name": args.dataset_name, "eval_split": args.eval_split,
+               "train_val_split": args.train_val_split, "seed": args.seed}
+    if acc.is_main_process:
+        _write(results, data.label_names, Path(args.output_dir or default_output_dir(args.model_name_or_path)))
+    acc.wait_for_everyone()
+    return results
+
+
+def _write(results: dict, label_names: list[str], out: Path) -> None:
+    from .report import plot_confusion_matrix
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "eval_results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    with open(out / "confusion_matrix.json", "w") as f:
+        json.dump({"label_names": label_names, "confusion_matrix": results["confusion_matrix"]}, f)
+    plot_confusion_matrix(results["confusion_matrix"], label_names, out / "confusion_matrix.png")
+    table = {k: v for k, v in results.items() if k.startswith("eval_") or k == "per_class"}
+    print(format_results_table(table, label_names), flush=True)
+    print(f"Wrote eval_results.json, confusion_matrix.json and confusion_matrix.png to {out}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser(EvalArguments)
+    parser.prog = "python -m hf_vit.eval"
+
+    def one_line_error(message: str):
+        raise UserError(f"{message}; run with --help for the valid options")
+
+    parser.error = one_line_error  # argparse would print the whole usage block and exit
+    (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
+    main_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if main_process else logging.WARNING)
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
