@@ -235,3 +235,21 @@ def test_resuming_a_two_process_checkpoint_on_one_process_is_refused_in_one_line
     assert len(error) == 1 and str(out / "checkpoint-20") in error[0]
     assert "written by 2 processes, this run has 1" in error[0] and "--num_processes" in error[0]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before writing anything
+
+
+# ------------------------------------------------------------------------------------------------- FSDP on CPU
+@pytest.mark.slow
+def test_fsdp_config_on_cpu_wraps_vit_layers_but_accelerate_runs_ddp(tmp_path):
+    """What docs/scaling.md states about FSDP here (torch 2.14, accelerate 1.15, gloo): accelerate does not engage FSDP
+    for CPU processes (the trainer's Accelerator gets MULTI_CPU, i.e. DDP); the config's wrap policy finds the ViT
+    blocks; torch's FSDP2 over gloo shards them and reproduces the unsharded SGD step."""
+    run_script(["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"),
+                "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(29000 + os.getpid() % 500),
+                "tests/fsdp_cpu_check.py", str(tmp_path)], timeout=TIMEOUT)
+    for rank in (0, 1):
+        result = read_json(tmp_path / f"rank{rank}.json")
+        assert result["distributed_type"] == "DistributedType.MULTI_CPU" and result["backend"] == "gloo"
+        assert result["fsdp_version"] == 2
+        assert result["wrapped"] == [f"vit.layers.{i}" for i in range(result["num_hidden_layers"])]
+        assert result["classifier_rows_here"] * 2 == result["classifier_rows"]  # each rank holds half
+        assert result["max_abs_diff_vs_unsharded"] < 1e-6
