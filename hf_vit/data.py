@@ -67,10 +67,17 @@ class DataSplits:
 
 
 def example_key(image: dict) -> str:
-    """Stable identity of an example: the file path when the dataset has one, else a hash of the image bytes."""
-    if image.get("path"):
-        return os.path.basename(image["path"]) if image.get("bytes") is None else image["path"]
-    return hashlib.blake2b(image["bytes"] or b"", digest_size=12).hexdigest()
+    """Stable identity of an example, the same on every machine and in every mode.
+
+    The image's path when it has one, reduced to its last two components (``n01440764/n01440764_10026.JPEG``,
+    ``cat/1.jpg``): unique within a dataset, yet independent of where the files lie. Without a path, a hash of the
+    image bytes.
+    """
+    path = image.get("path")
+    if path:
+        parts = path.replace("\\", "/").rstrip("/").split("/")
+        return "/".join(parts[-2:])
+    return hashlib.blake2b(image.get("bytes") or b"", digest_size=12).hexdigest()
 
 
 def _unit_hash(key: str, seed: int, salt: str) -> float:
@@ -79,11 +86,21 @@ def _unit_hash(key: str, seed: int, salt: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
+def in_validation(key: str, fraction: float, seed: int) -> bool:
+    """Whether an example belongs to the ``train_val_split`` carve-out (decided by its key alone)."""
+    return _unit_hash(key, seed, "val") < fraction
+
+
+def in_subset(key: str, fraction: float, subset_seed: int) -> bool:
+    """Whether an example belongs to the ``train_fraction`` subset (decided by its key alone)."""
+    return fraction >= 1 or _unit_hash(key, subset_seed, "subset") < fraction
+
+
 def is_local_path(name: str) -> bool:
     return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def _load(args: DataArguments, split: str | None):
+def _load(args: DataArguments):
     name = os.path.expanduser(args.dataset_name)
     if is_local_path(name) and not os.path.exists(name):
         raise UserError(f"dataset path {args.dataset_name!r} does not exist; pass an existing folder or a Hub id")
@@ -118,100 +135,181 @@ def find_column(columns: list[str], requested: str | None, candidates: tuple[str
     return found[0]
 
 
+def _local_data_files(args: DataArguments, split: str) -> list[str]:
+    name = os.path.expanduser(args.dataset_name)
+    if not os.path.isdir(name) or os.path.isfile(os.path.join(name, "dataset_dict.json")):
+        return []
+    try:
+        builder = datasets.load_dataset_builder(name, args.dataset_config_name)
+        return [str(f) for f in (builder.config.data_files or {}).get(split, [])]
+    except Exception:  # noqa: BLE001 - only an optimisation; callers fall back to a pass over the data
+        return []
+
+
 def _count_rows(args: DataArguments, split: str, ds) -> tuple[int | None, str]:
-    """Examples in a split: from the dataset metadata, else parquet footers of local files, else None."""
+    """Examples in a split: its length, else the dataset metadata, else the parquet footers of local files."""
     if isinstance(ds, datasets.Dataset):
         return len(ds), "dataset length"
     info = ds.info.splits.get(split) if ds.info and ds.info.splits else None
     if info is not None and info.num_examples:
         return info.num_examples, "dataset metadata"
-    if os.path.isdir(args.dataset_name):
-        try:
-            import pyarrow.parquet as pq
+    files = _local_data_files(args, split)
+    if files and all(f.endswith(".parquet") for f in files):
+        import pyarrow.parquet as pq
 
-            builder = datasets.load_dataset_builder(args.dataset_name, args.dataset_config_name)
-            files = builder.config.data_files.get(split, [])
-            if files and all(str(f).endswith(".parquet") for f in files):
-                return sum(pq.ParquetFile(f).metadata.num_rows for f in files), "parquet metadata"
-        except Exception:  # counting is best effort; train_samples is the documented fallback
-            pass
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files), "parquet metadata"
     return None, "unknown"
 
 
-def load_splits(args: DataArguments, seed: int) -> DataSplits:
-    """Load train/eval splits with images left undecoded (decoding happens in the loader workers)."""
-    loaded = _load(args, args.train_split)
+def split_examples(args: DataArguments, split: str, ds, image_col: str, label_col: str):
+    """Yield ``(key, label)`` for every example of a split without decoding an image.
+
+    Reads only the path and label columns where it can — a map-style split's Arrow table, or local parquet files —
+    and the bytes only of rows without a path; otherwise it makes one pass over the (undecoded) image column.
+    """
+    def from_table(paths, labels, read_bytes):
+        paths, labels, raw = paths.to_pylist(), labels.to_pylist(), None
+        for i, p in enumerate(paths):
+            if not p and raw is None:
+                raw = read_bytes()
+            yield example_key({"path": p, "bytes": None if p else raw[i].as_py()}), labels[i]
+
+    def struct_field(column, name):
+        # pyarrow returns a projected nested column either as the struct or as the child itself
+        column = column.combine_chunks()
+        return column.field(name) if hasattr(column, "field") else column
+
+    if isinstance(ds, datasets.Dataset) and ds._indices is None:
+        column = ds.data.column(image_col)
+        yield from from_table(struct_field(column, "path"), ds.data.column(label_col),
+                              lambda: struct_field(column, "bytes"))
+        return
+    files = _local_data_files(args, split)
+    if files and all(f.endswith(".parquet") for f in files):
+        import pyarrow.parquet as pq
+
+        for f in files:
+            table = pq.read_table(f, columns=[f"{image_col}.path", label_col])
+            yield from from_table(struct_field(table.column(0), "path"), table.column(1),
+                                  lambda: struct_field(pq.read_table(f, columns=[f"{image_col}.bytes"]).column(0),
+                                                       "bytes"))
+        return
+    for batch in ds.select_columns([image_col, label_col]).iter(batch_size=1000):
+        for image, label in zip(batch[image_col], batch[label_col]):
+            yield example_key(image), label
+
+
+def _open_train(args: DataArguments):
+    """Load the dataset and find the train split's image and label columns (errors list what exists)."""
+    loaded = _load(args)
     splits = list(loaded.keys())
     if args.train_split not in loaded:
         raise UserError(f"split {args.train_split!r} not found; the dataset has splits {splits} (set --train_split)")
     if args.eval_split and args.eval_split not in loaded:
         raise UserError(f"split {args.eval_split!r} not found; the dataset has splits {splits} (set --eval_split)")
-    train = loaded[args.train_split]
-    columns = list(train.features.keys()) if train.features else list(train.column_names or [])
+    raw_train = loaded[args.train_split]
+    if raw_train.features is None and isinstance(raw_train, datasets.IterableDataset):
+        raw_train = raw_train._resolve_features()  # some streamed datasets only know their columns after a peek
+    columns = list(raw_train.features.keys()) if raw_train.features else list(raw_train.column_names or [])
     image_col = find_column(columns, args.image_column_name, IMAGE_COLUMNS, "image")
     label_col = find_column(columns, args.label_column_name, LABEL_COLUMNS, "label")
-    label_feature = train.features[label_col]
+    label_feature = raw_train.features[label_col]
     if not isinstance(label_feature, datasets.ClassLabel):
         raise UserError(
             f"label column {label_col!r} is {label_feature}, not a ClassLabel; cast it with "
             "dataset.cast_column(label, ClassLabel(names=[...])) so the class names are known"
         )
-    if not isinstance(train.features[image_col], datasets.Image):
-        raise UserError(f"column {image_col!r} is {train.features[image_col]}, not an Image; pass --image_column_name")
-    label_names = list(label_feature.names)
+    if not isinstance(raw_train.features[image_col], datasets.Image):
+        raise UserError(f"column {image_col!r} is {raw_train.features[image_col]}, not an Image; "
+                        f"pass --image_column_name (the dataset has columns {columns})")
+    return loaded, raw_train, image_col, label_col, list(label_feature.names)
+
+
+def _prepare(ds, image_col: str, label_col: str):
+    """Images left undecoded (the loader workers decode them), only the two columns kept."""
+    ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    keep = [image_col, label_col]
+    return ds.remove_columns([c for c in ds.column_names if c not in keep]) if ds.column_names else ds
+
+
+def load_splits(args: DataArguments, seed: int) -> DataSplits:
+    """Load train/eval splits with images left undecoded (decoding happens in the loader workers).
+
+    Also settles the number of training examples per epoch (for the LR schedule) and says where it came from: the
+    length of a map-style split; when streaming, ``train_samples`` if given, else an exact count over the keys of a
+    local dataset, else the Hub metadata (an estimate once ``train_val_split``/``train_fraction`` filter the stream).
+    """
+    loaded, raw_train, image_col, label_col, label_names = _open_train(args)
 
     def prepare(ds):
-        ds = ds.cast_column(image_col, datasets.Image(decode=False))
-        keep = [image_col, label_col]
-        return ds.remove_columns([c for c in ds.column_names if c not in keep]) if ds.column_names else ds
+        return _prepare(ds, image_col, label_col)
 
-    train = prepare(train)
-    n_train, source = _count_rows(args, args.train_split, loaded[args.train_split])
-    eval_ds, n_eval = None, None
+    train = prepare(raw_train)
+    streaming = not isinstance(train, datasets.Dataset)
+    n_total, source = _count_rows(args, args.train_split, raw_train)
+    eval_ds, n_eval, val_frac = None, None, 0.0
     if args.eval_split:
         eval_ds = prepare(loaded[args.eval_split])
         n_eval, _ = _count_rows(args, args.eval_split, loaded[args.eval_split])
     elif args.train_val_split > 0:
         # Carve validation by a hash of each example's key: the same slice in map-style and streaming mode, on any
         # number of processes, every run with the same seed.
-        frac = args.train_val_split if args.train_val_split < 1 else args.train_val_split / max(1, n_train or 1)
-        in_val = lambda img: _unit_hash(example_key(img), seed, "val") < frac  # noqa: E731
-        eval_ds = train.filter(in_val, input_columns=[image_col])
-        train = train.filter(lambda img: not in_val(img), input_columns=[image_col])
-        if n_train is not None:
-            n_eval = len(eval_ds) if isinstance(eval_ds, datasets.Dataset) else round(n_train * frac)
-            n_train = len(train) if isinstance(train, datasets.Dataset) else n_train - n_eval
-            source += f" minus the {frac:.2%} validation carve-out"
+        if args.train_val_split >= 1 and n_total is None:
+            raise UserError("train_val_split given as a count needs the size of the train split, which is unknown "
+                            "here; give it as a fraction (e.g. 0.02) or pass an eval_split")
+        val_frac = args.train_val_split if args.train_val_split < 1 else args.train_val_split / n_total
+        eval_ds = train.filter(lambda img: in_validation(example_key(img), val_frac, seed), input_columns=[image_col])
+        train = train.filter(lambda img: not in_validation(example_key(img), val_frac, seed),
+                             input_columns=[image_col])
     if args.train_fraction < 1:
         train = select_subset(train, image_col, args.train_fraction, args.subset_seed)
-        if isinstance(train, datasets.Dataset):
-            n_train, source = len(train), "selected subset"
-        elif n_train is not None:
-            n_train, source = round(n_train * args.train_fraction), source + f" x train_fraction (estimate)"
+
+    n_train = None
+    if not streaming:
+        n_train, source = len(train), "dataset length" + (" after the subset/validation filters"
+                                                           if val_frac or args.train_fraction < 1 else "")
+        n_eval = len(eval_ds) if isinstance(eval_ds, datasets.Dataset) else n_eval
+    elif args.train_samples is not None:
+        n_train, source = args.train_samples, "train_samples"
+    elif os.path.isdir(os.path.expanduser(args.dataset_name)) and (val_frac or args.train_fraction < 1 or n_total is None):
+        # A local stream: count exactly (keys only, nothing decoded), so the epoch length is not an estimate.
+        n_train = n_val = 0
+        for key, _ in split_examples(args, args.train_split, prepare(raw_train), image_col, label_col):
+            if val_frac and in_validation(key, val_frac, seed):
+                n_val += 1
+            elif in_subset(key, args.train_fraction, args.subset_seed):
+                n_train += 1
+        source = "counted over the keys of the local files"
+        n_eval = n_val if val_frac else n_eval
+    elif n_total is not None:
+        n_train = n_total
+        if val_frac or args.train_fraction < 1:
+            n_train = round(n_total * (1 - val_frac) * args.train_fraction)
+            n_eval = round(n_total * val_frac) if val_frac else n_eval
+            source += (f" x {1 - val_frac:.4g} (validation carve-out) x {args.train_fraction:.4g} (train_fraction), "
+                       "an estimate: set --train_samples to the exact count from `python -m hf_vit.data describe`")
     if args.max_train_samples is not None:
-        train = train.select(range(min(len(train), args.max_train_samples))) if isinstance(train, datasets.Dataset) \
+        train = train.select(range(min(len(train), args.max_train_samples))) if not streaming \
             else train.take(args.max_train_samples)
         n_train = min(n_train, args.max_train_samples) if n_train is not None else args.max_train_samples
         source += ", capped by max_train_samples"
     if eval_ds is not None and args.max_eval_samples is not None:
         eval_ds = eval_ds.select(range(min(len(eval_ds), args.max_eval_samples))) \
             if isinstance(eval_ds, datasets.Dataset) else eval_ds.take(args.max_eval_samples)
-        n_eval = min(n_eval or args.max_eval_samples, args.max_eval_samples)
-    if args.train_samples is not None and not isinstance(train, datasets.Dataset):
-        n_train, source = args.train_samples, "train_samples"
+        n_eval = min(n_eval, args.max_eval_samples) if n_eval is not None else args.max_eval_samples
     if n_train is None:
         raise UserError(
             f"the number of training examples per epoch of {args.dataset_name!r} is unknown when streaming; "
             "set --train_samples (used for the LR schedule)"
         )
-    return DataSplits(train, eval_ds, label_names, image_col, label_col, n_train, source, n_eval)
+    info = {"num_examples_in_split": n_total, "validation_fraction": val_frac}
+    return DataSplits(train, eval_ds, label_names, image_col, label_col, n_train, source, n_eval, info)
 
 
 def select_subset(ds, image_col: str, fraction: float, subset_seed: int):
     """Keep the examples whose key hashes below ``fraction`` — the same examples in any mode, process count or
     machine (the seed's ~2/3 ImageNet subset is ``train_fraction 0.69``)."""
-    return ds.filter(lambda img: _unit_hash(example_key(img), subset_seed, "subset") < fraction,
-                     input_columns=[image_col])
+    return ds.filter(lambda img: in_subset(example_key(img), fraction, subset_seed), input_columns=[image_col])
 
 
 # -------------------------------------------------------------------------------------------------------- transforms
@@ -251,64 +349,110 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     """Any mode (L, LA, P, RGBA, CMYK, I;16, ...) -> RGB; alpha is composited on white rather than dropped to black."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = PIL.Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img, mask=img.getchannel("A"))
         return background
-    if img.mode.startswith("I;16") or img.mode == "I":
-        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # 16-bit / 32-bit grey: scale the full range of the format down to 8 bits (not a clip at 255).
+        top = 65535 if img.mode.startswith("I;16") else max(1.0, float(img.getextrema()[1]))
+        grey = np.asarray(img, dtype=np.float32) * (255.0 / top)
+        img = PIL.Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
-class RandomResizedCropDecode:
-    """Random-resized crop that decodes only as much of a JPEG as the crop needs (see the module docstring).
+def to_uint8_tensor(img: PIL.Image.Image) -> torch.Tensor:
+    """PIL image -> uint8 (C, H, W) tensor, a channels-last view of one copy of the pixels (C = 1 for grey, else 3).
 
-    The crop box is drawn by torchvision's own ``RandomResizedCrop.get_params`` on the header size.
+    Grey stays one channel here so that geometric ops touch a third of the bytes; :func:`as_rgb_tensor` expands it.
+    """
+    if img.mode not in ("RGB", "L"):
+        img = to_rgb(img)
+    # bytearray(tobytes()) is faster than numpy's copy through __array_interface__ (pil_to_tensor), same pixels.
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return pixels.view(img.height, img.width, len(img.getbands())).permute(2, 0, 1)
+
+
+def as_rgb_tensor(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels
+
+
+class ToRGBTensor(torch.nn.Module):
+    """PIL image of any mode -> uint8 (3, H, W) tensor (channels-last memory, one copy)."""
+
+    def forward(self, img: PIL.Image.Image) -> torch.Tensor:
+        return as_rgb_tensor(to_uint8_tensor(img))
+
+
+class RandomResizedCropDecode(torch.nn.Module):
+    """torchvision's random-resized crop, fused with decoding: PIL image (not yet decoded) -> uint8 (3, S, S) tensor.
+
+    The crop box is drawn by ``RandomResizedCrop.get_params`` from the header size, before any pixel is decoded, so a
+    JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8; ``PIL.Image.draft``) that still leaves the crop at
+    least ``size`` pixels on its short side: the output never comes from fewer pixels than without the reduction. The
+    crop is then resized with antialiasing on the uint8 tensor (torch's vectorised kernel, the same as
+    ``v2.RandomResizedCrop`` on tensors), and a grey image is expanded to RGB only at the output size.
     """
 
     def __init__(self, size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)):
+        super().__init__()
         self.size, self.scale, self.ratio = size, scale, ratio
 
-    def __call__(self, img: PIL.Image.Image) -> PIL.Image.Image:
+    def forward(self, img: PIL.Image.Image) -> torch.Tensor:
         top, left, h, w = tv_transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
         full_w, full_h = img.size
-        if img.format == "JPEG":
-            # draft picks the largest DCT reduction keeping the image >= the requested size; request the size at
-            # which the crop box still covers `size` output pixels on its short side.
-            reduce = max(1, min(h, w) // self.size)
-            img.draft("RGB", (max(1, full_w // reduce), max(1, full_h // reduce)))
-        img = to_rgb(img)
-        sx, sy = img.size[0] / full_w, img.size[1] / full_h
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        return img.resize((self.size, self.size), PIL.Image.BILINEAR, box=box)
+        if img.format == "JPEG" and min(h, w) >= 2 * self.size:
+            # draft keeps the decoded image >= the requested size, so request the size at which the crop box still
+            # covers `size` pixels; it picks the largest power-of-two reduction that satisfies that.
+            reduce = min(h, w) // self.size
+            img.draft(img.mode if img.mode in ("RGB", "L") else "RGB",
+                      (max(1, full_w // reduce), max(1, full_h // reduce)))
+        if img.size != (full_w, full_h):  # decoded at a reduced size: map the box into its pixel grid
+            sx, sy = img.width / full_w, img.height / full_h
+            top, left = min(img.height - 1, round(top * sy)), min(img.width - 1, round(left * sx))
+            h, w = min(img.height - top, max(1, round(h * sy))), min(img.width - left, max(1, round(w * sx)))
+        # Crop in PIL first: only the crop's pixels are copied into the tensor.
+        pixels = to_uint8_tensor(img.crop((left, top, left + w, top + h)))
+        out = v2.functional.resize(pixels, [self.size, self.size], interpolation=v2.InterpolationMode.BILINEAR,
+                                   antialias=True)
+        return as_rgb_tensor(out)
 
 
 def train_transform(spec: ImageSpec, args: DataArguments):
-    """Per-example train transform: PIL image -> uint8 (3, S, S) tensor."""
+    """Per-example train transform: PIL image -> uint8 (3, S, S) tensor.
+
+    ImageNet-style (``crop_padding`` unset): random-resized crop (area ``random_resized_crop_scale``..1) + flip.
+    CIFAR-style: resize to S (e.g. 32 -> 224), reflect-pad by ``crop_padding`` and crop S at random + flip.
+    ``augmentation: enhanced`` adds TrivialAugmentWide and RandomErasing (filled with the mean, i.e. zero after
+    normalisation).
+    """
     if spec.crop_padding is not None:
-        ops = [v2.Lambda(to_rgb), v2.Resize((spec.image_size, spec.image_size), antialias=True),
+        ops = [ToRGBTensor(), v2.Resize((spec.image_size, spec.image_size), antialias=True),
                v2.RandomCrop(spec.image_size, padding=spec.crop_padding, padding_mode="reflect")]
     else:
         ops = [RandomResizedCropDecode(spec.image_size, (args.random_resized_crop_scale, 1.0))]
     ops.append(v2.RandomHorizontalFlip())
     if args.augmentation == "enhanced":
         ops.append(v2.TrivialAugmentWide())
-    ops.append(v2.PILToTensor())
-    if args.augmentation == "enhanced" and args.random_erasing_prob > 0:
-        # Erase with the dataset mean so the erased patch normalises to zero.
-        ops.append(v2.RandomErasing(p=args.random_erasing_prob, value=[round(255 * m) for m in spec.mean]))
-    return v2.Compose(ops)
+        if args.random_erasing_prob > 0:
+            ops.append(v2.RandomErasing(p=args.random_erasing_prob, value=[round(255 * m) for m in spec.mean]))
+    transform = v2.Compose(ops)
+    transform.image_size = spec.image_size
+    return transform
 
 
 def eval_transform(spec: ImageSpec):
-    """Deterministic eval transform matching the saved image processor: resize (bilinear), center crop, uint8."""
-    return v2.Compose([
-        v2.Lambda(to_rgb),
+    """Deterministic eval transform matching the saved image processor: resize (bilinear, on the PIL image as the
+    processor does), center crop, uint8 (3, S, S) tensor."""
+    transform = v2.Compose([
+        v2.Lambda(to_rgb, PIL.Image.Image),
         v2.Resize((spec.eval_resize, spec.eval_resize), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(spec.image_size),
-        v2.PILToTensor(),
+        ToRGBTensor(),
     ])
+    transform.image_size = spec.image_size
+    return transform
 
 
 def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -332,17 +476,25 @@ def batch_mixer(args: DataArguments, num_classes: int):
 class DecodeCollate:
     """Loader ``collate_fn``: decode, check and transform raw examples into a uint8 batch.
 
-    Runs in the loader workers. Bad examples (undecodable or truncated bytes, zero-size images, labels outside the
-    class range) are dropped from the batch and reported by key in ``bad_keys``. Augmentation randomness is seeded
-    from (seed, epoch, example key), so it does not depend on which worker or process sees the example.
+    Runs in the loader workers. Returns ``pixel_values`` uint8 (B, 3, S, S) (channels-last memory: each image is
+    copied once, with no transposition), ``labels`` (B,), ``keys`` of the B examples, ``bad_keys`` and
+    ``num_examples`` (real examples in, good or bad). Bad examples (undecodable or truncated bytes, zero-size images,
+    labels outside the class range, a missing image) are dropped from the batch and reported as ``"key (error)"`` in
+    ``bad_keys``; B may be 0. ``None`` entries are padding from :class:`ExampleStream` and are dropped silently.
+    Augmentation randomness is seeded from (seed, epoch, example key), so it does not depend on which worker or
+    process sees the example.
     """
 
     def __init__(self, transform, image_column: str, label_column: str, num_classes: int, seed: int, train: bool):
         self.transform, self.image_column, self.label_column = transform, image_column, label_column
         self.num_classes, self.seed, self.train, self.epoch = num_classes, seed, train, 0
+        # Shape of an empty batch (every example bad): the model still runs on it, so keep the image size.
+        self.image_size = getattr(transform, "image_size", 1)
 
     def decode(self, example: dict) -> tuple[torch.Tensor, int, str]:
         image = example[self.image_column]
+        if not isinstance(image, dict) or (image.get("bytes") is None and not image.get("path")):
+            raise ValueError("no image")
         key = example_key(image)
         label = int(example[self.label_column])
         if not 0 <= label < self.num_classes:
@@ -353,30 +505,47 @@ class DecodeCollate:
             raise ValueError("zero-size image")
         if self.train:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(_unit_hash(key, self.seed * 100_003 + self.epoch, "aug") * 2**62))
+                # Seed only the CPU generator: torch.manual_seed would also queue CUDA/XPU seeding with a captured
+                # stack trace, which costs more than decoding a small JPEG.
+                torch.default_generator.manual_seed(_augmentation_seed(key, self.seed, self.epoch))
                 pixels = self.transform(img)
         else:
             pixels = self.transform(img)
+        if pixels.shape[-2:] != (self.image_size, self.image_size) and self.image_size != 1:
+            raise ValueError(f"transform produced {tuple(pixels.shape)}")
         return pixels, label, key
 
-    def __call__(self, examples: list[dict]) -> dict:
+    def __call__(self, examples: list[dict | None]) -> dict:
         pixels, labels, keys, bad = [], [], [], []
-        for example in examples:
+        real = [e for e in examples if e is not None]
+        for example in real:
             try:
                 p, y, k = self.decode(example)
-            except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError, TypeError) as err:
-                bad.append(f"{example_key(example[self.image_column]) if isinstance(example.get(self.image_column), dict) else '?'} ({type(err).__name__}: {err})")
+            except Exception as err:  # noqa: BLE001 - any failure on one example skips it; the loop counts them
+                image = example.get(self.image_column)
+                key = example_key(image) if isinstance(image, dict) and (image.get("path") or image.get("bytes")) \
+                    else "?"
+                bad.append(f"{key} ({type(err).__name__}: {str(err)[:200]})")
                 continue
             pixels.append(p)
             labels.append(y)
             keys.append(k)
+        if pixels:
+            # Stack as (B, H, W, 3): a plain copy of each channels-last image; then view it as (B, 3, H, W).
+            batch = torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
+        else:
+            batch = torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return {
-            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
+            "pixel_values": batch,
             "labels": torch.tensor(labels, dtype=torch.long),
             "keys": keys,
             "bad_keys": bad,
-            "num_examples": len(examples),
+            "num_examples": len(real),
         }
+
+
+def _augmentation_seed(key: str, seed: int, epoch: int) -> int:
+    return int(_unit_hash(key, seed * 100_003 + epoch, "aug") * 2**62)
 
 
 # ------------------------------------------------------------------------------------------------------- the sharder
@@ -384,15 +553,20 @@ class ExampleStream(torch.utils.data.IterableDataset):
     """Yields this consumer's examples of one epoch, block by block (see the module docstring for the rule).
 
     ``set_epoch(epoch, skip_micro_batches)`` is called before each ``iter(loader)``; the loader's workers are
-    recreated per epoch (no persistent workers), so they see it.
+    recreated per epoch (no persistent workers), so they see it. ``num_examples`` is the epoch length the loop plans
+    with (``micro_batches_per_epoch(num_examples)`` per rank): a stream longer than that stops there, and one that
+    turns out shorter (an estimated length) is padded with ``None`` entries, which :class:`DecodeCollate` turns into
+    empty batches — so every rank still runs exactly the planned number of micro-batches.
     """
 
     def __init__(self, ds, block_size: int, rank: int, world: int, num_workers: int, seed: int,
-                 shuffle: bool = True, drop_incomplete_round: bool = True, shuffle_buffer_size: int = 10_000):
+                 shuffle: bool = True, drop_incomplete_round: bool = True, shuffle_buffer_size: int = 10_000,
+                 num_examples: int | None = None):
         self.ds, self.block, self.rank, self.world = ds, block_size, rank, world
         self.num_workers, self.seed, self.shuffle = max(1, num_workers), seed, shuffle
         self.drop_incomplete = drop_incomplete_round
         self.buffer = shuffle_buffer_size
+        self.num_examples = num_examples
         self.epoch, self.skip = 0, 0
 
     @property
@@ -403,11 +577,11 @@ class ExampleStream(torch.utils.data.IterableDataset):
         self.epoch, self.skip = epoch, skip_micro_batches
 
     def micro_batches_per_epoch(self, num_examples: int) -> int:
-        """Micro-batches each rank runs per epoch: W blocks per complete round."""
+        """Micro-batches each rank runs per epoch of ``num_examples``: W blocks per complete round of C blocks."""
         return (num_examples // (self.consumers * self.block)) * self.num_workers
 
     def _role(self) -> tuple[int, int]:
-        """(consumer index, blocks to skip) of this worker; on resume roles rotate so the loader's round-robin over
+        """(consumer index, rounds to skip) of this worker; on resume roles rotate so the loader's round-robin over
         workers continues exactly where the interrupted epoch stopped."""
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
@@ -415,14 +589,29 @@ class ExampleStream(torch.utils.data.IterableDataset):
         role = (worker + shift) % self.num_workers
         return self.rank * self.num_workers + role, done + (1 if role < shift else 0)
 
-    def __iter__(self):
-        consumer, skip_blocks = self._role()
-        if isinstance(self.ds, datasets.Dataset):
-            yield from self._iter_map_style(consumer, skip_blocks)
-        else:
-            yield from self._iter_stream(consumer, skip_blocks)
+    def _planned_rounds(self) -> int | None:
+        if self.num_examples is None or not self.drop_incomplete:
+            return None
+        return self.num_examples // (self.consumers * self.block)
 
-    def _iter_map_style(self, consumer: int, skip_blocks: int):
+    def __iter__(self):
+        consumer, skip_rounds = self._role()
+        planned = self._planned_rounds()
+        rows = self._iter_map_style if isinstance(self.ds, datasets.Dataset) else self._iter_stream
+        done = skip_rounds
+        for r, block in rows(consumer, skip_rounds, planned):
+            done = r + 1
+            yield from block
+        if planned is not None and done < planned:
+            if consumer == 0:
+                logger.warning("epoch %d: the data ran out after %d of %d planned rounds of %d examples; the rest of "
+                               "the epoch is empty batches (pass the exact --train_samples)", self.epoch, done,
+                               planned, self.consumers * self.block)
+            for _ in range(done, planned):
+                yield from [None] * self.block
+
+    def _iter_map_style(self, consumer: int, skip_rounds: int, planned: int | None):
+        """(round, this consumer's examples in it) from a seeded permutation of the whole split."""
         n = len(self.ds)
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
@@ -430,38 +619,35 @@ class ExampleStream(torch.utils.data.IterableDataset):
             order = torch.arange(n)
         round_size = self.consumers * self.block
         rounds = n // round_size if self.drop_incomplete else math.ceil(n / round_size)
-        for r in range(skip_blocks, rounds):
+        for r in range(skip_rounds, rounds if planned is None else min(rounds, planned)):
             start = r * round_size + consumer * self.block
             indices = order[start : min(start + self.block, n)].tolist()
-            if not indices:
-                continue
-            rows = self.ds[indices]  # one columnar read per block
-            for i in range(len(indices)):
-                yield {k: v[i] for k, v in rows.items()}
+            if indices:
+                rows = self.ds[indices]  # one columnar read per block
+                yield r, [{k: v[i] for k, v in rows.items()} for i in range(len(indices))]
 
-    def _iter_stream(self, consumer: int, skip_blocks: int):
+    def _iter_stream(self, consumer: int, skip_rounds: int, planned: int | None):
+        """(round, this consumer's examples in it) from the seeded shuffled stream, walked whole by every consumer."""
         ds = self.ds
         if self.shuffle:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
             ds.set_epoch(self.epoch)
-        # `.iter` walks the whole stream in this worker (no shard split by datasets): each consumer picks its blocks
-        # by position, which is what makes the rule exact for any number of shards, workers and processes.
-        held, round_index = None, 0
+        # `.iter` walks the whole stream in this worker (datasets does not split it by worker): each consumer picks
+        # its blocks by position, which is what makes the rule exact for any number of shards, workers and processes.
+        # Nothing is decoded here; a block is only held until its round turns out complete.
+        held = None
         for b, rows in enumerate(ds.iter(batch_size=self.block)):
             r, owner = divmod(b, self.consumers)
+            if planned is not None and r >= planned:
+                break
             if owner == consumer:
                 held = rows
             if owner == self.consumers - 1 or not self.drop_incomplete:
                 # The round is complete (or completeness does not matter): release this consumer's block.
-                if held is not None and r >= skip_blocks:
-                    n_rows = len(next(iter(held.values())))
-                    for i in range(n_rows):
-                        yield {k: v[i] for k, v in held.items()}
+                if held is not None and r >= skip_rounds:
+                    yield r, [{k: v[i] for k, v in held.items()} for i in range(len(next(iter(held.values()))))]
                 held = None
-            round_index = r
-        if not self.drop_incomplete and held is not None and round_index >= skip_blocks:
-            for i in range(len(next(iter(held.values())))):
-                yield {k: v[i] for k, v in held.items()}
+        # A block still held here belongs to an incomplete last round: dropped (the last-batch policy).
 
 
 def build_loader(stream: ExampleStream, collate: DecodeCollate, num_workers: int, pin_memory: bool):
@@ -472,33 +658,46 @@ def build_loader(stream: ExampleStream, collate: DecodeCollate, num_workers: int
 
 
 # -------------------------------------------------------------------------------------------------------- describe
-def describe(args: DataArguments, seed: int = 42) -> dict:
-    """Summary of the (possibly subset) training split, with a fingerprint of the selected example keys."""
-    args.train_val_split = 0.0 if not args.eval_split else args.train_val_split
-    splits = load_splits(args, seed)
+def describe(args: DataArguments) -> dict:
+    """JSON-able summary of the training split and of its ``train_fraction`` subset, without decoding an image.
+
+    ``subset_fingerprint`` is a SHA-256 over the sorted keys of the selected examples: two users whose fingerprints
+    match train on the same examples (before the ``train_val_split`` carve-out, which then depends on ``seed``).
+    """
+    _, raw_train, image_col, label_col, label_names = _open_train(args)
+    counts = [0] * len(label_names)
+    selected, total, bad_labels = [], 0, 0
+    for key, label in split_examples(args, args.train_split, _prepare(raw_train, image_col, label_col), image_col,
+                                     label_col):
+        total += 1
+        if in_subset(key, args.train_fraction, args.subset_seed):
+            selected.append(key)
+            if label is not None and 0 <= label < len(label_names):
+                counts[label] += 1
+            else:
+                bad_labels += 1
+    selected.sort()
     hasher = hashlib.sha256()
-    counts = [0] * len(splits.label_names)
-    keys = []
-    ds = splits.train
-    for row in ds.select_columns([splits.image_column, splits.label_column]) if isinstance(ds, datasets.Dataset) \
-            else ds:
-        keys.append(example_key(row[splits.image_column]))
-        counts[int(row[splits.label_column])] += 1
-    for k in sorted(keys):
-        hasher.update(k.encode() + b"\n")
-    total, _ = _count_rows(args, args.train_split, _load(args, args.train_split)[args.train_split])
-    return {
+    for key in selected:
+        hasher.update(key.encode() + b"\n")
+    summary = {
         "dataset_name": args.dataset_name,
         "split": args.train_split,
         "streaming": args.streaming,
         "num_examples": total,
-        "num_classes": len(splits.label_names),
+        "num_classes": len(label_names),
         "train_fraction": args.train_fraction,
         "subset_seed": args.subset_seed,
-        "selected_examples": len(keys),
-        "class_counts": {name: c for name, c in zip(splits.label_names, counts)},
+        "selected_examples": len(selected),
+        "class_counts": dict(zip(label_names, counts)),
         "subset_fingerprint": hasher.hexdigest(),
     }
+    duplicates = len(selected) - len(set(selected))
+    if duplicates:
+        summary["duplicate_keys"] = duplicates  # examples that share a path: they are kept or dropped together
+    if bad_labels:
+        summary["labels_out_of_range"] = bad_labels
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -510,6 +709,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(DataArguments)
     parser.error = lambda message: (_ for _ in ()).throw(UserError(message))
     (args,) = parser.parse_args_into_dataclasses(argv[1:])
+    if not 0 < args.train_fraction <= 1:
+        raise UserError(f"train_fraction must be in (0, 1] (got {args.train_fraction})")
     print(json.dumps(describe(args), indent=2))
 
 

@@ -222,7 +222,8 @@ class Run:
         else:
             self.train_stream = ExampleStream(self.data.train, t.per_device_train_batch_size, acc.process_index,
                                               acc.num_processes, workers, t.seed, shuffle=True,
-                                              shuffle_buffer_size=d.shuffle_buffer_size)
+                                              shuffle_buffer_size=d.shuffle_buffer_size,
+                                              num_examples=self.data.num_train_examples)
             self.train_collate = DecodeCollate(train_transform(self.spec, d), self.data.image_column,
                                                self.data.label_column, len(self.label_names), t.seed, train=True)
             self.train_loader = build_loader(self.train_stream, self.train_collate, workers, pin)

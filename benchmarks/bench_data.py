@@ -1,0 +1,173 @@
+"""Images per second per core of the train data pipeline, next to the usual per-sample path, measured in one run.
+
+    python benchmarks/bench_data.py [--imagenet ../shared/datasets/imagenet-sample] [--cifar ../shared/datasets/cifar10]
+
+One process, one thread (``torch.set_num_threads(1)``, no loader workers): the figure is what one loader worker core
+delivers. Each case runs ``--repeats`` timed passes over the same encoded images after a warm-up pass and reports the
+best pass (the least disturbed by other work on the machine) and the median.
+
+* ``pipeline``: :class:`hf_vit.data.DecodeCollate` with :func:`hf_vit.data.train_transform`, exactly as the trainer
+  builds it (``ImageSpec`` from ``build_image_processor``), batch of 64, uint8 out. Normalisation happens batched on the
+  accelerator in training, so it is not part of this figure; ``pipeline_cpu_normalize`` adds it on the CPU for a
+  machine without one.
+* ``reference``: the usual per-sample path: PIL decode -> torchvision ``RandomResizedCrop`` (or pad-and-crop for CIFAR)
+  -> horizontal flip -> ``ToTensor`` -> ``Normalize`` in float, then ``default_collate`` into a batch.
+* ``decode``: bare full-size JPEG decode to RGB (PIL), the floor the reference path cannot beat.
+
+The last line is JSON; ``pipeline_images_per_sec_per_core`` and ``reference_images_per_sec_per_core`` are the ImageNet
+sample figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import PIL.Image
+import torch
+from torch.utils.data import default_collate
+from torchvision import transforms as T
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hf_vit.config import DataArguments  # noqa: E402
+from hf_vit.data import (DecodeCollate, ImageSpec, build_image_processor, normalize,  # noqa: E402
+                         train_transform)
+
+SHARED = REPO.parent / "shared" / "datasets"
+BATCH = 64
+
+
+def load_examples(path: str, limit: int | None) -> tuple[list[dict], str, str]:
+    """Encoded examples (image bytes undecoded) held in memory, so that only decoding and augmenting are timed."""
+    ds = datasets.load_dataset(path, split="train")
+    image_col = "image" if "image" in ds.column_names else "img"
+    ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [dict(row) for row in ds], image_col, "label"
+
+
+def one_pass(fn, examples: list[dict], epoch: int) -> tuple[float, float]:
+    """Images per CPU second and per wall second of one pass of ``fn`` over all examples, in batches."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in range(0, len(examples), BATCH):
+        fn(examples[i : i + BATCH], epoch)
+    return len(examples) / (time.process_time() - cpu), len(examples) / (time.perf_counter() - wall)
+
+
+def timed(fns: dict, examples: list[dict], repeats: int) -> dict:
+    """One warm-up pass per case, then ``repeats`` rounds of one timed pass per case, interleaved so that a busy
+    spell on a shared machine slows every case alike."""
+    for fn in fns.values():
+        one_pass(fn, examples[:BATCH], 0)
+    rates = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            rates[name].append(one_pass(fn, examples, r + 1))
+    return {name: {"best": round(max(c for c, _ in rs), 1), "median": round(statistics.median(c for c, _ in rs), 1),
+                   "wall_best": round(max(w for _, w in rs), 1)} for name, rs in rates.items()}
+
+
+def pipeline_fn(spec: ImageSpec, args: DataArguments, image_col: str, normalize_on_cpu: bool = False):
+    collate = DecodeCollate(train_transform(spec, args), image_col, "label", 1000, seed=0, train=True)
+    mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+
+    def run(batch: list[dict], epoch: int):
+        collate.epoch = epoch
+        out = collate(batch)
+        assert not out["bad_keys"], out["bad_keys"]
+        return normalize(out["pixel_values"], mean, std) if normalize_on_cpu else out["pixel_values"]
+
+    return run
+
+
+def reference_fn(spec: ImageSpec, image_col: str):
+    """The usual torchvision (v1) per-sample path, in float."""
+    if spec.crop_padding is None:
+        crop = [T.RandomResizedCrop(spec.image_size)]
+    else:
+        crop = [T.Resize((spec.image_size, spec.image_size)), T.RandomCrop(spec.image_size, padding=spec.crop_padding)]
+    transform = T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+    def run(batch: list[dict], epoch: int):
+        samples = [(transform(PIL.Image.open(io.BytesIO(ex[image_col]["bytes"])).convert("RGB")), ex["label"])
+                   for ex in batch]
+        return default_collate(samples)
+
+    return run
+
+
+def decode_fn(image_col: str):
+    def run(batch: list[dict], epoch: int):
+        for ex in batch:
+            PIL.Image.open(io.BytesIO(ex[image_col]["bytes"])).convert("RGB")
+
+    return run
+
+
+def bench_dataset(name: str, path: str, cases: dict[str, ImageSpec], limit: int | None, repeats: int) -> dict:
+    examples, image_col, _ = load_examples(path, limit)
+    fns = {"decode": decode_fn(image_col)}
+    for case, spec in cases.items():
+        args = DataArguments(crop_padding=spec.crop_padding)
+        fns[f"{case}/pipeline"] = pipeline_fn(spec, args, image_col)
+        fns[f"{case}/pipeline_cpu_normalize"] = pipeline_fn(spec, args, image_col, normalize_on_cpu=True)
+        fns[f"{case}/reference"] = reference_fn(spec, image_col)
+    rates = timed(fns, examples, repeats)
+    results = {"examples": len(examples), "decode": rates["decode"]}
+    print(f"{name}: {len(examples)} images, bare decode {results['decode']['best']} img/s/core", flush=True)
+    for case in cases:
+        row = {kind: rates[f"{case}/{kind}"] for kind in ("pipeline", "pipeline_cpu_normalize", "reference")}
+        row["speedup"] = round(row["pipeline"]["best"] / row["reference"]["best"], 2)
+        results[case] = row
+        print(f"{name} {case}: pipeline {row['pipeline']['best']} (with CPU normalize "
+              f"{row['pipeline_cpu_normalize']['best']}), reference {row['reference']['best']} img/s/core, "
+              f"{row['speedup']}x", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--imagenet", default=str(SHARED / "imagenet-sample"))
+    parser.add_argument("--cifar", default=str(SHARED / "cifar10"))
+    parser.add_argument("--cifar_images", type=int, default=5000, help="CIFAR-10 images per pass")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per case")
+    parser.add_argument("--skip_cifar", action="store_true")
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    vit_b16 = ImageSpec.from_processor(build_image_processor(224, None))
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"{platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}, "
+                   f"Pillow {PIL.__version__}",
+        "imagenet_sample": bench_dataset("imagenet-sample", cli.imagenet, {"vit_b16_224": vit_b16}, None,
+                                         cli.repeats),
+    }
+    if not cli.skip_cifar:
+        report["cifar10"] = bench_dataset("cifar10", cli.cifar, {
+            "32px_pad4": ImageSpec.from_processor(build_image_processor(32, 4), crop_padding=4),
+            "224px_pad28": ImageSpec.from_processor(build_image_processor(224, 28), crop_padding=28),
+        }, cli.cifar_images, cli.repeats)
+    imagenet = report["imagenet_sample"]["vit_b16_224"]
+    report["pipeline_images_per_sec_per_core"] = imagenet["pipeline"]["best"]
+    report["reference_images_per_sec_per_core"] = imagenet["reference"]["best"]
+    report["decode_images_per_sec_per_core"] = report["imagenet_sample"]["decode"]["best"]
+    report["speedup"] = imagenet["speedup"]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
