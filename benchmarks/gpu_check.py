@@ -1,0 +1,262 @@
+"""The prepared GPU check (run it through ``benchmarks/gpu_check.sh CIFAR_DIR``): one call, at most 9 minutes.
+
+(a) ViT-B/16 at 224, bf16, synthetic uint8 batches already on the GPU: images/s, TFLOP/s and MFU of the trainer's own
+    step (``Run.train_step``) eager — next to the bare loop — and with ``torch_compile``.
+(b) ``vit_small_cifar`` on CIFAR-10 from scratch with the seed's settings (``recipes/cifar10_vit_small_scratch.yaml``:
+    200-epoch schedule, batch 512, enhanced augmentation, bf16) and ``data_on_device``, for ``--train_seconds``: seconds
+    per epoch (train and eval apart) and validation accuracy per epoch, and the 200 epochs projected from them. The
+    run is stopped through the trainer's own preemption path (flag set -> finish the step, save, return).
+
+Results go to ``benchmarks/results/gpu_check_<date>.json`` (after each part, so a time-out keeps what was measured)
+and a short table is printed. ``--dry-run`` runs the same code on the CPU with a tiny model, a CIFAR slice and a few
+steps (< 2 minutes), writing ``gpu_check_dry_run_<date>.json`` to a temporary folder unless ``--results_dir`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+SMALL_RECIPE = REPO / "recipes" / "cifar10_vit_small_scratch.yaml"
+TINY_MODEL = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+              "--intermediate_size", "128"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cifar_dir", help="CIFAR-10 parquet folder (Hub layout, e.g. a copy of uoft-cs/cifar10)")
+    parser.add_argument("--dry-run", dest="dry_run", action="store_true",
+                        help="CPU, tiny model, a CIFAR slice, a few steps: checks the script itself")
+    parser.add_argument("--parts", default="a,b", help="which parts to run: a, b or a,b")
+    parser.add_argument("--train_seconds", type=float, default=None,
+                        help="training time of part (b) (default 300; 20 with --dry-run)")
+    parser.add_argument("--vit_b_batch_size", type=int, default=256, help="batch of part (a)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="peak for MFU (default: 790, H200 bf16)")
+    parser.add_argument("--small_compile", action="store_true", help="torch_compile the small ViT in part (b)")
+    parser.add_argument("--results_dir", default=None, help="where the JSON goes (default benchmarks/results)")
+    return parser.parse_args(argv)
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+            platform.machine(), "cpu_count": os.cpu_count(), "hostname": platform.node()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    gpu_count=torch.cuda.device_count())
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- part (a)
+def part_a(args, log) -> dict:
+    """ViT-B/16 throughput: eager (pipeline and bare loop) and compiled (pipeline)."""
+    import gc
+
+    import torch
+    from bench_train import H200_BF16_PEAK_TFLOPS, measure
+
+    if args.dry_run:
+        preset, batch, extra, steps, rounds, peak, mp = "vit_tiny_cifar", 16, TINY_MODEL, 2, 2, 1.0, "no"
+    else:
+        preset, batch, extra, steps, rounds = "vit_base_patch16_224", args.vit_b_batch_size, [], 10, 4
+        peak, mp = args.peak_tflops or H200_BF16_PEAK_TFLOPS, "bf16"
+    out = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        log(f"(a) {preset} {name}")
+        try:
+            out[name] = measure(preset, batch, steps=steps, rounds=rounds, warmup=3, mixed_precision=mp,
+                                torch_compile=compiled, peak_tflops=peak, skip_bare=compiled, extra=extra,
+                                log=lambda line: log("    " + line))
+        except Exception as err:  # keep the other measurements; the error is part of the record
+            out[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+            log(f"    failed: {out[name]['error']}")
+        gc.collect()
+        if torch.cuda.is_available():
+            out[name]["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- part (b)
+def _has_split(cifar_dir: str, split: str) -> bool:
+    import datasets
+
+    try:
+        return split in datasets.load_dataset_builder(cifar_dir).config.data_files
+    except Exception:
+        return False
+
+
+def part_b(args, workdir: str, log) -> dict:
+    """vit_small_cifar from scratch with data_on_device, stopped after ``train_seconds`` of training."""
+    from hf_vit.config import parse_config
+    from hf_vit.trainer import Run
+
+    eval_split = "test" if _has_split(args.cifar_dir, "test") else ""
+    argv = ["--config", str(SMALL_RECIPE), "--dataset_name", args.cifar_dir, "--eval_split", eval_split,
+            "--data_on_device", "--dataloader_num_workers", "4", "--per_device_eval_batch_size", "1000",
+            "--output_dir", os.path.join(workdir, "small"), "--checkpointing_steps", "no", "--report_to", "none",
+            "--logging_steps", "50"]
+    if args.small_compile:
+        argv.append("--torch_compile")
+    if args.dry_run:
+        argv += [*TINY_MODEL, "--max_train_samples", "512", "--max_eval_samples", "128",
+                 "--total_train_batch_size", "32", "--mixed_precision", "no", "--dataloader_num_workers", "0"]
+    cfg = parse_config(argv)
+    marks, deadline = [], [float("inf")]
+
+    class TimedRun(Run):
+        """Records when each evaluation (the end of each epoch) starts and ends, and past the deadline raises the
+        flag a SIGTERM would raise (the loop then finishes the step, saves and returns); nothing else changes."""
+
+        def train_step(self, batches, preemption=None):
+            if preemption is not None and time.perf_counter() > deadline[0]:
+                preemption.requested = True
+            return super().train_step(batches, preemption)
+
+        def _evaluate(self):
+            start = time.perf_counter()
+            metrics = super()._evaluate()
+            marks.append({"step": self.state.global_step, "eval_start": start, "eval_end": time.perf_counter(),
+                          "eval_accuracy": metrics["accuracy"]})
+            return metrics
+
+    setup_start = time.perf_counter()
+    run = TimedRun(cfg)
+    setup_seconds = time.perf_counter() - setup_start
+    log(f"(b) vit_small_cifar: setup (load, decode {run.data.num_train_examples} images onto "
+        f"{run.accelerator.device}, build) {setup_seconds:.1f} s; {run.steps_per_epoch} steps/epoch; "
+        f"training for {args.train_seconds:.0f} s")
+    fit_start = time.perf_counter()
+    deadline[0] = fit_start + args.train_seconds
+    results = run.fit()
+    fit_seconds = time.perf_counter() - fit_start
+    epochs, previous_end = [], fit_start
+    for i, mark in enumerate(marks):
+        if mark["step"] % run.steps_per_epoch:
+            continue  # a final evaluation after an interruption, not an epoch boundary
+        epochs.append({"epoch": mark["step"] // run.steps_per_epoch, "step": mark["step"],
+                       "train_seconds": mark["eval_start"] - previous_end,
+                       "eval_seconds": mark["eval_end"] - mark["eval_start"],
+                       "seconds": mark["eval_end"] - previous_end, "eval_accuracy": mark["eval_accuracy"]})
+        previous_end = mark["eval_end"]
+    for e in epochs:
+        log(f"    epoch {e['epoch']:3d}: {e['seconds']:6.2f} s (train {e['train_seconds']:.2f}, eval "
+            f"{e['eval_seconds']:.2f}), eval_accuracy {e['eval_accuracy']:.4f}")
+    steady = epochs[1:] or epochs  # the first epoch carries warm-up (kernel selection, compilation)
+    out = {"config": cfg.to_dict(), "setup_seconds": setup_seconds, "fit_seconds": fit_seconds,
+           "steps_per_epoch": run.steps_per_epoch, "train_examples": run.data.num_train_examples,
+           "eval_split": eval_split or f"train_val_split={cfg.data.train_val_split}",
+           "eval_examples": run.data.num_eval_examples, "epochs": epochs,
+           "stopped_by_time": bool(results.get("preempted")), "global_step": run.state.global_step}
+    if steady:
+        per_epoch = sorted(e["seconds"] for e in steady)[len(steady) // 2]
+        per_epoch_train = sorted(e["train_seconds"] for e in steady)[len(steady) // 2]
+        out.update(median_epoch_seconds=per_epoch, median_epoch_train_seconds=per_epoch_train,
+                   projected_seconds_for_num_train_epochs=per_epoch * cfg.train.num_train_epochs,
+                   num_train_epochs=cfg.train.num_train_epochs,
+                   train_images_per_sec=run.steps_per_epoch * cfg.train.total_train_batch_size / per_epoch_train)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+def table(result: dict) -> str:
+    lines = ["", f"GPU check {result['date']} on {result['machine'].get('gpu', 'CPU (dry run)')}"]
+    for name, r in result.get("a", {}).items():
+        if "error" in r:
+            lines.append(f"  (a) {name:8s} error: {r['error'][:100]}")
+            continue
+        mfu = f"  MFU {r['pipeline_mfu']:.1%}" if "pipeline_mfu" in r else ""
+        bare = f"  (bare loop {r['bare_images_per_sec']:.0f} img/s, ratio {r['ratio_pipeline_to_bare']:.3f})" \
+            if "bare_images_per_sec" in r else ""
+        lines.append(f"  (a) {r['preset']} {name:8s} {r['pipeline_images_per_sec']:8.0f} img/s  "
+                     f"{r['pipeline_tflops']:7.1f} TFLOP/s{mfu}{bare}")
+    b = result.get("b")
+    if b and "error" in b:
+        lines.append(f"  (b) error: {b['error'][:200]}")
+    elif b:
+        for e in b["epochs"]:
+            lines.append(f"  (b) epoch {e['epoch']:3d}  {e['seconds']:6.2f} s  eval_accuracy {e['eval_accuracy']:.4f}")
+        if "median_epoch_seconds" in b:
+            lines.append(f"  (b) median {b['median_epoch_seconds']:.2f} s/epoch -> {b['num_train_epochs']:g} epochs in "
+                         f"{b['projected_seconds_for_num_train_epochs'] / 60:.1f} min "
+                         f"({b['train_images_per_sec']:.0f} train img/s)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
+    from hf_vit.errors import UserError
+
+    if not os.path.isdir(args.cifar_dir):
+        raise UserError(f"CIFAR-10 folder {args.cifar_dir!r} does not exist; pass the parquet folder "
+                        "(e.g. a copy of ../shared/datasets/cifar10)")
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"a", "b"}:
+        raise UserError(f"--parts {args.parts!r}: choose a, b or a,b")
+    if args.train_seconds is None:
+        args.train_seconds = 20.0 if args.dry_run else 300.0
+    import torch
+
+    if args.dry_run:
+        # One thread: on a shared CPU two threads per process can run 10x slower than one (they wait on each other).
+        torch.set_num_threads(1)
+    if not args.dry_run and not torch.cuda.is_available():
+        raise UserError("no CUDA device is visible; run with --dry-run to check the script on a CPU")
+    stamp = datetime.datetime.now()
+    results_dir = Path(args.results_dir or (tempfile.mkdtemp(prefix="gpu_check_") if args.dry_run
+                                            else REPO / "benchmarks" / "results"))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    name = f"gpu_check{'_dry_run' if args.dry_run else ''}_{stamp:%Y-%m-%d_%H%M}.json"
+    path = results_dir / name
+    result = {"date": stamp.isoformat(timespec="seconds"), "dry_run": args.dry_run, "machine": machine(),
+              "command": " ".join(sys.argv), "cifar_dir": args.cifar_dir}
+    started = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {line}", flush=True)
+
+    def save() -> None:
+        result["wall_seconds"] = time.perf_counter() - started
+        path.write_text(json.dumps(result, indent=1))
+
+    log(f"machine: {result['machine']}")
+    if "a" in parts:
+        result["a"] = part_a(args, log)
+        save()
+    if "b" in parts:
+        with tempfile.TemporaryDirectory() as workdir:
+            try:
+                result["b"] = part_b(args, workdir, log)
+            except UserError:
+                raise
+            except Exception as err:
+                result["b"] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+                log(f"(b) failed: {result['b']['error']}")
+        save()
+    print(table(result))
+    print(f"results: {path}")
+    return result
+
+
+if __name__ == "__main__":
+    from hf_vit.errors import run_cli
+
+    run_cli(main)
