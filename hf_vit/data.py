@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -650,10 +651,19 @@ class ExampleStream(torch.utils.data.IterableDataset):
         # A block still held here belongs to an incomplete last round: dropped (the last-batch policy).
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGINT. torchrun passes a SIGTERM on to each rank's whole process group, and Slurm
+    signals every process of a job step: a worker killed by it would crash its rank mid-step, before the trainer
+    (which handles the signal: finish the step, checkpoint, exit) could save. Workers still end with their loader."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(stream: ExampleStream, collate: DecodeCollate, num_workers: int, pin_memory: bool):
     return torch.utils.data.DataLoader(
         stream, batch_size=stream.block, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
     )
 
 

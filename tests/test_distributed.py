@@ -20,6 +20,10 @@ import io
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,6 +239,60 @@ def test_resuming_a_two_process_checkpoint_on_one_process_is_refused_in_one_line
     assert len(error) == 1 and str(out / "checkpoint-20") in error[0]
     assert "written by 2 processes, this run has 1" in error[0] and "--num_processes" in error[0]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before writing anything
+
+
+# -------------------------------------------------------------------------------------------- preemption (SIGTERM)
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, cifar10_path) -> tuple[Path, str]:
+    """The 2-process fine-tuning run, sent SIGTERM once it has taken a step — to the launcher only, as srun forwards a
+    signal to its task: torchrun then signals each rank's whole process group, loader workers included."""
+    base = tmp_path_factory.mktemp("preempt")
+    out, log = base / "run", base / "stderr.txt"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", "2",
+           "--main_process_port", str(29500 + os.getpid() % 1000), "run_finetune.py", *FINETUNE, "--output_dir", str(out)]
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        deadline = time.time() + TIMEOUT
+        while proc.poll() is None and time.time() < deadline and not re.search(
+                rf"\| [1-9]\d*/{FINETUNE_STEPS} ", log.read_text()):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=TIMEOUT)
+    return out, stdout + log.read_text()
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_at_the_same_step(preempted):
+    out, output = preempted
+    saved = re.search(r"Preempted: checkpoint saved at step (\d+)", output)
+    assert saved, output[-3000:]
+    step = int(saved.group(1))
+    assert 0 < step < FINETUNE_STEPS
+    assert output.count("Received SIGTERM") == 2  # both ranks, each from its own handler
+    # No rank crashed (torchrun itself ends with a SignalException traceback and exit status 1 after the ranks have
+    # exited: a job script must not take the launcher's status for the training's).
+    assert not re.search(r"\[rank\d\]: Traceback", output) and "killed by signal" not in output
+    assert "SignalException" in output
+    checkpoint = out / f"checkpoint-{step}"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin"} <= {
+        p.name for p in checkpoint.iterdir()}
+    assert read_json(checkpoint / "trainer_state.json")["global_step"] == step
+    assert not (out / "all_results.json").exists() and not list(out.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_preempted_two_process_run_resumes_to_the_uninterrupted_result(preempted, two_proc):
+    from safetensors.torch import load_file
+
+    out, _ = preempted
+    run_script(["run_finetune.py", *FINETUNE, "--output_dir", str(out), "--resume_from_checkpoint", "latest"],
+               nproc=2, timeout=TIMEOUT)
+    resumed, uninterrupted = load_file(str(out / "model.safetensors")), load_file(str(two_proc[0] / "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
+    losses = [[r["train_loss"] for r in read_json(d / "log_history.json") if "train_loss" in r]
+              for d in (out, two_proc[0])]
+    assert losses[0] == losses[1]
 
 
 # ------------------------------------------------------------------------------------------------- FSDP on CPU
