@@ -355,10 +355,9 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
         background = PIL.Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img, mask=img.getchannel("A"))
         return background
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        # 16-bit / 32-bit grey: scale the full range of the format down to 8 bits (not a clip at 255).
-        top = 65535 if img.mode.startswith("I;16") else max(1.0, float(img.getextrema()[1]))
-        grey = np.asarray(img, dtype=np.float32) * (255.0 / top)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit grey (PIL opens 16-bit PNGs as I;16 or I): map 0..65535 onto 0..255 rather than clipping at 255.
+        grey = np.asarray(img, dtype=np.float32) / 257.0
         img = PIL.Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
 
@@ -637,18 +636,35 @@ class ExampleStream(torch.utils.data.IterableDataset):
         # its blocks by position, which is what makes the rule exact for any number of shards, workers and processes.
         # Nothing is decoded here; a block is only held until its round turns out complete.
         held = None
-        for b, rows in enumerate(ds.iter(batch_size=self.block)):
+        for b, rows in enumerate(self._exact_blocks(ds)):
             r, owner = divmod(b, self.consumers)
             if planned is not None and r >= planned:
                 break
             if owner == consumer:
                 held = rows
-            if owner == self.consumers - 1 or not self.drop_incomplete:
+            full = len(next(iter(rows.values()))) == self.block
+            if (owner == self.consumers - 1 and full) or not self.drop_incomplete:
                 # The round is complete (or completeness does not matter): release this consumer's block.
                 if held is not None and r >= skip_rounds:
                     yield r, [{k: v[i] for k, v in held.items()} for i in range(len(next(iter(held.values()))))]
                 held = None
         # A block still held here belongs to an incomplete last round: dropped (the last-batch policy).
+
+    def _exact_blocks(self, ds):
+        """Consecutive blocks of exactly ``block`` rows (the last one may be short), whatever batches datasets
+        yields."""
+        pending: dict[str, list] | None = None
+        for rows in ds.iter(batch_size=self.block):
+            if pending is None:
+                pending = {k: list(v) for k, v in rows.items()}
+            else:
+                for k, v in rows.items():
+                    pending[k].extend(v)
+            while len(next(iter(pending.values()))) >= self.block:
+                yield {k: v[: self.block] for k, v in pending.items()}
+                pending = {k: v[self.block :] for k, v in pending.items()}
+        if pending and len(next(iter(pending.values()))):
+            yield pending
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:

@@ -388,6 +388,8 @@ class Run:
                 targets = batch["labels"].to(acc.device, non_blocking=True)
                 if self.mixer is not None and len(targets):
                     pixels, targets = self.mixer(pixels, targets)
+                if not len(targets):  # ViT cannot run on 0 images: one blank image, and a zero loss below
+                    pixels = pixels.new_zeros(1, *pixels.shape[1:])
                 logits = model(pixel_values=pixels).logits
                 loss = classification_loss(logits, targets, t.label_smoothing) if len(targets) \
                     else logits.sum() * 0.0  # every rank must run backward, even on an empty batch

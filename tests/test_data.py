@@ -1,0 +1,477 @@
+"""The data stage (hf_vit/data.py): loading and column detection, the validation carve-out, the train_fraction subset and
+`describe`, the exact sharding rule over processes x workers, resume by count, transforms, MixUp/CutMix, bad data —
+on ../shared/datasets and on small datasets generated here."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from conftest import REPO, run_script
+from hf_vit.config import DataArguments
+from hf_vit.data import (DecodeCollate, ExampleStream, ImageSpec, RandomResizedCropDecode, batch_mixer,
+                         build_image_processor, build_loader, describe, eval_transform, example_key, find_column,
+                         load_splits, main, normalize, train_transform)
+from hf_vit.errors import UserError, run_cli
+from hf_vit.optim import classification_loss
+
+CLASSES = ["ant", "bee", "cat", "dog"]
+FEATURES = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+
+
+# ------------------------------------------------------------------------------------------------------ generated data
+def jpeg(array: np.ndarray, mode: str = "RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array).convert(mode).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def noise(rng, h=12, w=12) -> np.ndarray:
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def make_dataset(n: int, seed: int = 0, corrupt: dict[int, bytes] | None = None, size: int = 12,
+                 image_col: str = "image", label_col: str = "label") -> datasets.Dataset:
+    """n distinct small JPEGs with a 4-class label; ``corrupt`` replaces the bytes of some rows."""
+    rng = np.random.default_rng(seed)
+    images = [{"bytes": jpeg(noise(rng, size, size)), "path": f"img_{seed}_{i:05d}.jpg"} for i in range(n)]
+    for i, data in (corrupt or {}).items():
+        images[i] = {"bytes": data, "path": f"img_{seed}_{i:05d}.jpg"}
+    features = datasets.Features({image_col: datasets.Image(), label_col: datasets.ClassLabel(names=CLASSES)})
+    return datasets.Dataset.from_dict({image_col: images, label_col: [i % 4 for i in range(n)]}, features=features)
+
+
+def write_parquet_folder(root: Path, splits: dict[str, datasets.Dataset], shards: int = 2) -> Path:
+    """A Hub-style parquet folder: data/<split>-0000k-of-0000n.parquet."""
+    (root / "data").mkdir(parents=True)
+    for name, ds in splits.items():
+        for k in range(shards):
+            ds.shard(shards, k, contiguous=True).to_parquet(str(root / "data" / f"{name}-{k:05d}-of-{shards:05d}.parquet"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def parquet_200(tmp_path_factory) -> Path:
+    return write_parquet_folder(tmp_path_factory.mktemp("pq") / "ds", {"train": make_dataset(200)})
+
+
+@pytest.fixture(scope="module")
+def saved_101(tmp_path_factory) -> Path:
+    """101 examples written by save_to_disk (streams through the generic, non-parquet path)."""
+    path = tmp_path_factory.mktemp("disk") / "ds"
+    datasets.DatasetDict({"train": make_dataset(101, seed=1)}).save_to_disk(str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ columns and splits
+def test_column_detection_and_errors_list_the_columns(tmp_path):
+    assert find_column(["img", "label"], None, ("image", "img"), "image") == "img"
+    assert find_column(["image", "fine_label", "coarse_label"], None, ("label", "labels", "fine_label"), "label") \
+        == "fine_label"
+    with pytest.raises(UserError, match=r"ambiguous image column.*\['image', 'img'\].*--image_column_name"):
+        find_column(["image", "img", "label"], None, ("image", "img"), "image")
+
+    odd = write_parquet_folder(tmp_path / "odd", {"train": make_dataset(8, image_col="picture", label_col="target")},
+                               shards=1)
+    with pytest.raises(UserError, match=r"no image column found.*\['picture', 'target'\]"):
+        load_splits(DataArguments(dataset_name=str(odd)), seed=0)
+    with pytest.raises(UserError, match=r"label column 'lbl' not found.*\['picture', 'target'\]"):
+        load_splits(DataArguments(dataset_name=str(odd), image_column_name="picture", label_column_name="lbl"), 0)
+    splits = load_splits(DataArguments(dataset_name=str(odd), image_column_name="picture", label_column_name="target",
+                                       train_val_split=0), seed=0)
+    assert (splits.image_column, splits.label_column, splits.label_names) == ("picture", "target", CLASSES)
+    with pytest.raises(UserError, match=r"split 'validation' not found.*\['train'\]"):
+        load_splits(DataArguments(dataset_name=str(odd), image_column_name="picture", label_column_name="target",
+                                  eval_split="validation"), seed=0)
+
+
+def _keys(ds, image_col="image") -> list[str]:
+    return [example_key(row[image_col]) for row in ds]
+
+
+def test_validation_carve_out_is_fixed_by_the_seed_and_the_same_streaming(parquet_200):
+    def carve(seed, streaming):
+        s = load_splits(DataArguments(dataset_name=str(parquet_200), train_val_split=0.2, streaming=streaming), seed)
+        return s, set(_keys(s.train)), set(_keys(s.eval))
+
+    s, train, val = carve(0, streaming=False)
+    assert train.isdisjoint(val) and len(train | val) == 200 and 20 <= len(val) <= 60
+    assert (s.num_train_examples, s.num_eval_examples) == (len(train), len(val))
+    assert carve(0, streaming=False)[1:] == (train, val)  # the same slice every run
+    streamed, s_train, s_val = carve(0, streaming=True)
+    assert (s_train, s_val) == (train, val)  # the same slice in streaming mode
+    assert (streamed.num_train_examples, streamed.num_eval_examples) == (len(train), len(val))
+    assert "counted" in streamed.num_train_examples_source
+    assert carve(1, streaming=False)[2] != val  # another seed, another slice
+    by_count = load_splits(DataArguments(dataset_name=str(parquet_200), train_val_split=50), seed=0)
+    assert 30 <= by_count.num_eval_examples <= 70
+
+
+def test_streaming_epoch_length_source_is_said(parquet_200, saved_101):
+    from_footers = load_splits(DataArguments(dataset_name=str(parquet_200), streaming=True, train_val_split=0), 0)
+    assert from_footers.num_train_examples == 200
+    assert from_footers.num_train_examples_source in ("dataset metadata", "parquet metadata")
+    given = load_splits(DataArguments(dataset_name=str(parquet_200), streaming=True, train_samples=150), 0)
+    assert (given.num_train_examples, given.num_train_examples_source) == (150, "train_samples")
+    subset = load_splits(DataArguments(dataset_name=str(saved_101), streaming=True, train_val_split=0,
+                                       train_fraction=0.5), 0)
+    assert isinstance(subset.train, datasets.IterableDataset)
+    assert subset.num_train_examples == len(_keys(subset.train)) == \
+        load_splits(DataArguments(dataset_name=str(saved_101), train_val_split=0, train_fraction=0.5), 0) \
+        .num_train_examples
+
+
+# ------------------------------------------------------------------------------------------------ subset and describe
+def test_subset_fingerprint_same_streaming_and_map_style_and_count_within_1_percent(cifar10_path):
+    base = dict(dataset_name=str(cifar10_path), train_fraction=0.69)
+    mapped = describe(DataArguments(**base))
+    streamed = describe(DataArguments(**base, streaming=True))
+    assert mapped["subset_fingerprint"] == streamed["subset_fingerprint"]
+    assert mapped["class_counts"] == streamed["class_counts"]
+    assert mapped["num_examples"] == 50_000 and mapped["num_classes"] == 10
+    assert abs(mapped["selected_examples"] - 0.69 * 50_000) <= 0.01 * 0.69 * 50_000
+    assert sum(mapped["class_counts"].values()) == mapped["selected_examples"]
+    other = describe(DataArguments(**base, subset_seed=1))
+    assert other["subset_fingerprint"] != mapped["subset_fingerprint"]
+    assert abs(other["selected_examples"] - 0.69 * 50_000) <= 0.01 * 0.69 * 50_000
+    # What training selects is that subset (less the validation carve-out).
+    splits = load_splits(DataArguments(**base, train_val_split=0), seed=0)
+    assert splits.num_train_examples == mapped["selected_examples"]
+
+
+def test_subset_is_the_same_through_the_generic_streaming_path(saved_101):
+    mapped = describe(DataArguments(dataset_name=str(saved_101), train_fraction=0.4))
+    streamed = describe(DataArguments(dataset_name=str(saved_101), train_fraction=0.4, streaming=True))
+    assert mapped == {**streamed, "streaming": False}
+    assert 0 < mapped["selected_examples"] < 101
+
+
+def test_describe_cli_prints_json_and_bad_flags_exit_2(parquet_200, capsys):
+    proc = subprocess.run([sys.executable, "-m", "hf_vit.data", "describe", "--dataset_name", str(parquet_200),
+                           "--train_fraction", "0.5", "--streaming"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert {"num_examples", "num_classes", "class_counts", "selected_examples", "subset_fingerprint"} <= set(summary)
+    assert summary == describe(DataArguments(dataset_name=str(parquet_200), train_fraction=0.5, streaming=True))
+    assert summary["num_examples"] == 200 and summary["num_classes"] == 4
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["describe", "--dataset_name", str(parquet_200), "--train_fraction", "1.5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train_fraction") and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------- the sharding rule
+def _key_collate(examples):
+    return [None if e is None else example_key(e["image"]) for e in examples]
+
+
+def _epoch(ds, rank, world, workers, block, epoch=0, skip=0, num_examples=None) -> list[list[str]]:
+    """The micro-batches (lists of example keys) one rank's loader yields in an epoch."""
+    stream = ExampleStream(ds, block, rank, world, workers, seed=3, num_examples=num_examples)
+    stream.set_epoch(epoch, skip)
+    loader = torch.utils.data.DataLoader(stream, batch_size=block, collate_fn=_key_collate, num_workers=workers)
+    return list(loader)
+
+
+# Streams: a save_to_disk dataset streamed (Arrow, fast), and a parquet folder streamed (datasets ends each pass over
+# shuffled parquet with a 5 s pause for Arrow's threads, so it gets fewer passes here).
+SOURCES = {"map": ("parquet_200", False, (1, 2), (0, 1)), "streaming": ("saved_101", True, (1, 2), (0, 1)),
+           "streaming-parquet": ("parquet_200", True, (2,), (1,))}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_example_reaches_exactly_one_consumer_per_epoch(source, request):
+    fixture, streaming, worlds, epochs = SOURCES[source]
+    path = request.getfixturevalue(fixture)
+    splits = load_splits(DataArguments(dataset_name=str(path), streaming=streaming, train_val_split=0), 0)
+    all_keys = set(_keys(splits.train))
+    n, block, workers = len(all_keys), 6, 2
+    orders = []
+    for world in worlds:
+        for epoch in epochs:
+            per_rank = [_epoch(splits.train, rank, world, workers, block, epoch) for rank in range(world)]
+            planned = ExampleStream(splits.train, block, 0, world, workers, seed=3).micro_batches_per_epoch(n)
+            assert [len(batches) for batches in per_rank] == [planned] * world  # no rank waits for another
+            assert all(len(batch) == block for batches in per_rank for batch in batches)
+            seen = [k for batches in per_rank for batch in batches for k in batch]
+            assert len(seen) == len(set(seen))  # none twice
+            assert set(seen) <= all_keys
+            consumers = world * workers
+            # Only the last incomplete round of C x block examples is left out.
+            assert len(seen) == (n // (consumers * block)) * consumers * block
+            assert n - len(seen) < consumers * block
+            orders.append(seen)
+    if len(orders) > 1:
+        assert orders[0] != orders[1]  # a new order each epoch
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+def test_resume_skipping_k_micro_batches_yields_the_rest_of_the_epoch(parquet_200, saved_101, streaming):
+    path = saved_101 if streaming else parquet_200
+    splits = load_splits(DataArguments(dataset_name=str(path), streaming=streaming, train_val_split=0), 0)
+    whole = _epoch(splits.train, 1, 2, 2, 5, epoch=2)
+    assert len(whole) == (10 if streaming else 20)
+    for k in (1, 3, 8):  # 1 and 3 are not multiples of the 2 workers
+        assert _epoch(splits.train, 1, 2, 2, 5, epoch=2, skip=k) == whole[k:]
+
+
+def test_resumed_batches_are_bit_identical_including_augmentation(parquet_200):
+    splits = load_splits(DataArguments(dataset_name=str(parquet_200), train_val_split=0), 0)
+    spec = ImageSpec(8, (0.5,) * 3, (0.5,) * 3, 8, crop_padding=2)
+    collate = DecodeCollate(train_transform(spec, DataArguments(crop_padding=2, augmentation="enhanced")), "image",
+                            "label", 4, seed=5, train=True)
+    stream = ExampleStream(splits.train, 8, 0, 1, 2, seed=5)
+    loader = build_loader(stream, collate, num_workers=2, pin_memory=False)
+    stream.set_epoch(1)
+    whole = list(loader)
+    stream.set_epoch(1, skip_micro_batches=3)
+    resumed = list(loader)
+    assert len(resumed) == len(whole) - 3
+    for a, b in zip(whole[3:], resumed):
+        assert a["keys"] == b["keys"] and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_a_stream_shorter_or_longer_than_planned_still_gives_the_planned_micro_batches(saved_101):
+    stream_ds = load_splits(DataArguments(dataset_name=str(saved_101), streaming=True, train_val_split=0), 0).train
+    # 101 examples in rounds of 2 x 12: 4 complete rounds. Planned for 120 (an over-estimate): 5 micro-batches per
+    # rank, the last one empty padding.
+    per_rank = [_epoch(stream_ds, rank, 2, 1, 12, num_examples=120) for rank in range(2)]
+    for batches in per_rank:
+        assert len(batches) == 5
+        assert all(k is not None for b in batches[:4] for k in b) and all(k is None for b in batches[4:] for k in b)
+    # Planned for 50 (an under-estimate): stops after the 2 planned rounds.
+    assert [len(_epoch(stream_ds, rank, 2, 1, 12, num_examples=50)) for rank in range(2)] == [2, 2]
+    padded = DecodeCollate(lambda img: None, "image", "label", 4, 0, train=False)([None, None])
+    assert padded["num_examples"] == 0 and padded["bad_keys"] == [] and padded["pixel_values"].shape[0] == 0
+
+
+# --------------------------------------------------------------------------------------------------------- transforms
+def _vit_b16() -> ImageSpec:
+    return ImageSpec.from_processor(build_image_processor(224, None))
+
+
+def _image_of_every_mode(rng) -> dict[str, PIL.Image.Image | bytes]:
+    rgb = noise(rng, 40, 30)
+    palette = PIL.Image.fromarray(rgb).convert("P")
+    transparent = palette.copy()
+    transparent.info["transparency"] = 0
+    sixteen = PIL.Image.fromarray((rng.integers(0, 65536, (40, 30))).astype(np.uint16))
+    return {
+        "L": PIL.Image.fromarray(rgb).convert("L"), "LA": PIL.Image.fromarray(rgb).convert("LA"), "P": palette,
+        "P+transparency": transparent, "RGBA": PIL.Image.fromarray(rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)),
+        "CMYK": PIL.Image.fromarray(rgb).convert("CMYK"), "I;16": sixteen, "1": PIL.Image.fromarray(rgb).convert("1"),
+        "JPEG L": jpeg(rgb, "L"), "JPEG CMYK": jpeg(rgb, "CMYK"), "JPEG RGB progressive": jpeg(rgb, progressive=True),
+    }
+
+
+def _encoded(img) -> bytes:
+    if isinstance(img, bytes):
+        return img
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if img.mode != "CMYK" else "TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("which", ["imagenet", "cifar32", "cifar224", "eval", "enhanced"])
+def test_every_image_mode_becomes_3_channel_uint8_of_the_model_size(which):
+    rng = np.random.default_rng(0)
+    spec = {"imagenet": _vit_b16(), "eval": _vit_b16(), "enhanced": _vit_b16(),
+            "cifar32": ImageSpec.from_processor(build_image_processor(32, 4), crop_padding=4),
+            "cifar224": ImageSpec.from_processor(build_image_processor(224, 28), crop_padding=28)}[which]
+    args = DataArguments(crop_padding=spec.crop_padding, augmentation="enhanced" if which == "enhanced" else "basic")
+    transform = eval_transform(spec) if which == "eval" else train_transform(spec, args)
+    collate = DecodeCollate(transform, "image", "label", 4, seed=0, train=which != "eval")
+    images = _image_of_every_mode(rng)
+    batch = collate([{"image": {"bytes": _encoded(img), "path": f"{mode}.img"}, "label": 1}
+                     for mode, img in images.items()])
+    assert batch["bad_keys"] == []
+    size = spec.image_size
+    assert batch["pixel_values"].shape == (len(images), 3, size, size) and batch["pixel_values"].dtype == torch.uint8
+    grey = batch["pixel_values"][0]
+    if which != "enhanced":  # L -> R = G = B (TrivialAugmentWide's colour ops may not keep that)
+        assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+
+
+def test_mode_conversions_keep_the_meaning_of_the_pixels():
+    from hf_vit.data import to_rgb
+
+    clear = PIL.Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white, not black
+    opaque = PIL.Image.new("RGBA", (4, 4), (10, 20, 30, 255))
+    assert to_rgb(opaque).getpixel((0, 0)) == (10, 20, 30)
+    sixteen = PIL.Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)  # full 16-bit range -> full 8-bit range
+    half = PIL.Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    assert to_rgb(half).getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_eval_transform_is_deterministic_and_matches_the_saved_image_processor(imagenet_sample_path):
+    rows = datasets.load_dataset(str(imagenet_sample_path), split="train").select(range(4))
+    for size, padding in ((224, None), (32, 4)):
+        processor = build_image_processor(size, padding)
+        spec = ImageSpec.from_processor(processor, padding)
+        transform = eval_transform(spec)
+        mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+        for row in rows:
+            ours = transform(row["image"])
+            assert torch.equal(ours, transform(row["image"]))
+            reference = processor(row["image"].convert("RGB"), return_tensors="pt")["pixel_values"]
+            ours = normalize(ours[None], mean, std)
+            assert ours.shape == reference.shape == (1, 3, size, size)
+            # Equal up to the rounding of a resized pixel: at most one uint8 level, in a handful of pixels.
+            off = (ours - reference).abs()
+            assert off.max() <= 1.01 / 255 / min(spec.std) and (off > 1e-4).float().mean() < 0.01
+
+
+def test_normalize_maps_uint8_to_the_processor_range():
+    spec = _vit_b16()
+    mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+    pixels = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(2, 3, 4, 2)
+    out = normalize(pixels, mean, std)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out[0, :, 0, 0], -mean / std) and torch.allclose(out[0, :, 0, 1], (1 - mean) / std)
+
+
+def test_reduced_size_decoding_triggers_only_when_the_crop_allows_it():
+    rng = np.random.default_rng(0)
+    smooth = np.kron(noise(rng, 30, 40), np.ones((40, 40, 1), dtype=np.uint8))  # 1200 x 1600, large features
+    data = jpeg(smooth, quality=95)
+    big_crop = RandomResizedCropDecode(224, scale=(0.9, 1.0))
+    img = PIL.Image.open(io.BytesIO(data))
+    torch.manual_seed(0)
+    out = big_crop(img)
+    assert img.size[0] < 1600  # decoded at a DCT-reduced size
+    assert out.shape == (3, 224, 224) and out.dtype == torch.uint8
+    # Same crop from the fully decoded image with torchvision's v2 RandomResizedCrop: the same picture.
+    torch.manual_seed(0)
+    reference = v2.RandomResizedCrop(224, scale=(0.9, 1.0), antialias=True)(
+        v2.functional.pil_to_tensor(PIL.Image.open(io.BytesIO(data))))
+    assert (out.float() - reference.float()).abs().mean() < 4
+    small = PIL.Image.open(io.BytesIO(jpeg(noise(rng, 300, 400))))
+    RandomResizedCropDecode(224, scale=(0.08, 1.0))(small)
+    assert small.size == (400, 300)  # a crop below 2 x 224 px is decoded at full size
+
+
+def test_enhanced_augmentation_adds_trivial_augment_and_random_erasing_with_the_mean():
+    spec = ImageSpec(16, (0.25, 0.5, 0.75), (0.2, 0.2, 0.2), 16, crop_padding=2)
+    ops = [type(op).__name__ for op in train_transform(spec, DataArguments(augmentation="enhanced",
+                                                                           crop_padding=2)).transforms]
+    assert "TrivialAugmentWide" in ops and "RandomErasing" in ops
+    basic = [type(op).__name__ for op in train_transform(spec, DataArguments(crop_padding=2)).transforms]
+    assert "TrivialAugmentWide" not in basic and "RandomErasing" not in basic
+    erase = train_transform(spec, DataArguments(augmentation="enhanced", crop_padding=2, random_erasing_prob=1.0))
+    erase.transforms = [op for op in erase.transforms if type(op).__name__ != "TrivialAugmentWide"]
+    out = erase(PIL.Image.new("RGB", (16, 16), (0, 0, 0)))
+    erased = (out != 0).any(dim=0)
+    assert erased.any() and torch.equal(out[:, erased][:, 0], torch.tensor([64, 128, 191], dtype=torch.uint8))
+
+
+def test_mixup_and_cutmix_give_soft_targets_and_the_loss_honours_label_smoothing():
+    assert batch_mixer(DataArguments(), 4) is None
+    torch.manual_seed(0)
+    pixels, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
+    for args in (DataArguments(mixup_alpha=0.8), DataArguments(cutmix_alpha=1.0),
+                 DataArguments(mixup_alpha=0.8, cutmix_alpha=1.0)):
+        mixed, soft = batch_mixer(args, 4)(pixels, labels)
+        assert mixed.shape == pixels.shape and soft.shape == (8, 4) and soft.dtype.is_floating_point
+        assert torch.allclose(soft.sum(1), torch.ones(8))
+    logits = torch.randn(8, 4)
+    one_hot = torch.nn.functional.one_hot(labels, 4).float()
+    for smoothing in (0.0, 0.1):
+        assert torch.allclose(classification_loss(logits, one_hot, smoothing),
+                              classification_loss(logits, labels, smoothing))
+        # Soft target t with smoothing e: cross-entropy against (1 - e) t + e / C.
+        _, soft = batch_mixer(DataArguments(mixup_alpha=0.8), 4)(pixels, labels)
+        expected = -(((1 - smoothing) * soft + smoothing / 4) * logits.log_softmax(1)).sum(1).mean()
+        assert torch.allclose(classification_loss(logits, soft, smoothing), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------- bad data
+def _zero_size_png() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_bad_examples_are_skipped_and_reported_by_key():
+    rng = np.random.default_rng(0)
+    good = jpeg(noise(rng, 64, 64))
+    rows = [
+        ("good.jpg", good, 0), ("garbage.jpg", b"not an image at all", 1), ("truncated.jpg", good[: len(good) // 2], 2),
+        ("empty.jpg", b"", 3), ("zero.png", _zero_size_png(), 0), ("label.jpg", good, 4), ("negative.jpg", good, -1),
+        ("good2.jpg", jpeg(noise(rng, 64, 64)), 3),
+    ]
+    spec = _vit_b16()
+    for transform in (train_transform(spec, DataArguments()), eval_transform(spec)):
+        collate = DecodeCollate(transform, "image", "label", 4, seed=0, train=True)
+        batch = collate([{"image": {"bytes": b, "path": p}, "label": y} for p, b, y in rows])
+        assert batch["keys"] == ["good.jpg", "good2.jpg"] and batch["labels"].tolist() == [0, 3]
+        assert batch["pixel_values"].shape == (2, 3, 224, 224) and batch["num_examples"] == len(rows)
+        assert [b.split(" ")[0] for b in batch["bad_keys"]] == [p for p, _, _ in rows[1:-1]]
+        assert "label 4 outside [0, 4)" in batch["bad_keys"][4]
+    # A batch of nothing but bad examples is empty but keeps the image size (the loop still steps on it).
+    empty = collate([{"image": {"bytes": b"x", "path": "x.jpg"}, "label": 0}])
+    assert empty["pixel_values"].shape == (0, 3, 224, 224) and empty["labels"].shape == (0,)
+
+
+@pytest.fixture(scope="module")
+def corrupt_run_data(tmp_path_factory) -> tuple[Path, Path]:
+    """128 train + 32 test 16 px images: with 2 corrupt train rows (save_to_disk), and with 43 (a parquet folder)."""
+    root = tmp_path_factory.mktemp("corrupt")
+    rng = np.random.default_rng(1)
+    good = jpeg(noise(rng, 16, 16))
+    few = {7: b"\x00\x01 broken", 70: good[:40]}
+    many = {i: b"broken" for i in range(0, 128, 3)}
+    test = make_dataset(32, seed=9, size=16)
+    datasets.DatasetDict({"train": make_dataset(128, seed=3, corrupt=few, size=16), "test": test}) \
+        .save_to_disk(str(root / "few"))
+    return root / "few", write_parquet_folder(root / "many", {"train": make_dataset(128, seed=4, corrupt=many, size=16),
+                                                              "test": test}, shards=1)
+
+
+RUN_ARGS = ["--model_preset", "vit_tiny_cifar", "--image_size", "16", "--patch_size", "8", "--hidden_size", "32",
+            "--intermediate_size", "64", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+            "--total_train_batch_size", "16", "--num_train_epochs", "2", "--crop_padding", "2", "--eval_split", "test",
+            "--dataloader_num_workers", "0", "--report_to", "none", "--checkpointing_steps", "no"]
+
+
+def test_training_skips_and_counts_bad_images_and_steps_through_empty_batches(corrupt_run_data, tmp_path):
+    few, _ = corrupt_run_data
+    out = tmp_path / "run"
+    # Streaming with train_samples 160 for 128 images: the loop plans 10 micro-batches per epoch and the last 2 of
+    # each epoch are empty padding, which it must step through.
+    proc = run_script(["run_finetune.py", "--dataset_name", str(few), *RUN_ARGS, "--max_bad_sample_fraction", "0.05",
+                       "--streaming", "--train_samples", "160", "--output_dir", str(out)], timeout=300)
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_skipped_samples"] == 2 * 2  # 2 corrupt rows, seen once in each of 2 epochs
+    assert results["train_samples_seen"] == 2 * (128 - 2)
+    assert results["global_step"] == 2 * 10
+    assert "train_samples" in proc.stderr + proc.stdout  # the log says where the epoch length came from
+
+
+def test_too_many_bad_images_stop_with_an_error_naming_them(corrupt_run_data, tmp_path):
+    _, many = corrupt_run_data
+    proc = run_script(["run_finetune.py", "--dataset_name", str(many), *RUN_ARGS, "--output_dir", str(tmp_path / "r")],
+                      timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "max_bad_sample_fraction=0.01" in error[0] and "img_4_" in error[0]
+    assert "Traceback" not in proc.stderr
