@@ -241,52 +241,65 @@ def test_resuming_a_two_process_checkpoint_on_one_process_is_refused_in_one_line
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before writing anything
 
 
-# -------------------------------------------------------------------------------------------- preemption (SIGTERM)
+# ------------------------------------------------------------------- the Slurm job script: preemption and requeue
+def slurm_job(out: Path, log: Path) -> tuple[list[str], dict]:
+    """``docs/slurm_train.sbatch`` as Slurm would run it on a 1-node allocation, with stand-ins for srun and scontrol
+    (tests/fake_slurm): 2 processes on this machine, the fine-tuning run of this module."""
+    env = {**os.environ, "PATH": os.pathsep.join([str(REPO / "tests" / "fake_slurm"), os.environ["PATH"]]),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1", "GPUS_PER_NODE": "2",
+           "MAIN_PROCESS_PORT": str(29500 + os.getpid() % 1000), "FAKE_SLURM_LOG": str(log),
+           "PYTHON": sys.executable, "SCRIPT": "run_finetune.py", "CONFIG": "", "OUTPUT_DIR": str(out),
+           "TRAIN_ARGS": " ".join(FINETUNE)}
+    return ["bash", str(REPO / "docs" / "slurm_train.sbatch")], env
+
+
 @pytest.fixture(scope="module")
-def preempted(tmp_path_factory, cifar10_path) -> tuple[Path, str]:
-    """The 2-process fine-tuning run, sent SIGTERM once it has taken a step — to the launcher only, as srun forwards a
-    signal to its task: torchrun then signals each rank's whole process group, loader workers included."""
-    base = tmp_path_factory.mktemp("preempt")
-    out, log = base / "run", base / "stderr.txt"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", "2",
-           "--main_process_port", str(29500 + os.getpid() % 1000), "run_finetune.py", *FINETUNE, "--output_dir", str(out)]
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
+def preempted(tmp_path_factory, cifar10_path) -> tuple[Path, Path, int, str]:
+    """The job script, sent SIGTERM once training has taken a step — to the script only, as ``--signal=B:TERM``
+    does. The script passes it to srun (here: the launcher), torchrun to each rank's whole process group."""
+    base = tmp_path_factory.mktemp("slurm")
+    out, slurm_log, output = base / "run", base / "scontrol.log", base / "job.out"
+    cmd, env = slurm_job(out, slurm_log)
+    with open(output, "w") as sink:
+        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
         deadline = time.time() + TIMEOUT
-        while proc.poll() is None and time.time() < deadline and not re.search(
-                rf"\| [1-9]\d*/{FINETUNE_STEPS} ", log.read_text()):
+        while job.poll() is None and time.time() < deadline and not re.search(
+                rf"\| [1-9]\d*/{FINETUNE_STEPS} ", output.read_text()):
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        stdout, _ = proc.communicate(timeout=TIMEOUT)
-    return out, stdout + log.read_text()
+        job.send_signal(signal.SIGTERM)
+        status = job.wait(timeout=TIMEOUT)
+    return out, slurm_log, status, output.read_text()
 
 
-def test_sigterm_to_the_launcher_checkpoints_every_rank_at_the_same_step(preempted):
-    out, output = preempted
+def test_sigterm_to_the_job_script_checkpoints_every_rank_at_one_step_and_requeues(preempted):
+    out, slurm_log, status, output = preempted
     saved = re.search(r"Preempted: checkpoint saved at step (\d+)", output)
     assert saved, output[-3000:]
     step = int(saved.group(1))
     assert 0 < step < FINETUNE_STEPS
     assert output.count("Received SIGTERM") == 2  # both ranks, each from its own handler
-    # No rank crashed (torchrun itself ends with a SignalException traceback and exit status 1 after the ranks have
-    # exited: a job script must not take the launcher's status for the training's).
+    # No rank crashed (torchrun itself ends with a SignalException and status 1 once the ranks have exited, which is
+    # why the script does not read the launcher's status after a SIGTERM).
     assert not re.search(r"\[rank\d\]: Traceback", output) and "killed by signal" not in output
-    assert "SignalException" in output
     checkpoint = out / f"checkpoint-{step}"
     assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin"} <= {
         p.name for p in checkpoint.iterdir()}
     assert read_json(checkpoint / "trainer_state.json")["global_step"] == step
     assert not (out / "all_results.json").exists() and not list(out.glob("*.tmp"))
+    assert status == 0 and slurm_log.read_text() == "requeue 4242\n"
+    assert "requeueing job 4242" in output
 
 
 @pytest.mark.slow
-def test_a_preempted_two_process_run_resumes_to_the_uninterrupted_result(preempted, two_proc):
+def test_the_requeued_job_resumes_to_the_uninterrupted_result(preempted, two_proc):
     from safetensors.torch import load_file
 
-    out, _ = preempted
-    run_script(["run_finetune.py", *FINETUNE, "--output_dir", str(out), "--resume_from_checkpoint", "latest"],
-               nproc=2, timeout=TIMEOUT)
+    out, slurm_log, _, _ = preempted
+    cmd, env = slurm_job(out, slurm_log)
+    proc = subprocess.run(cmd, cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0 and "training complete" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert slurm_log.read_text() == "requeue 4242\n"  # finished: not requeued again
     resumed, uninterrupted = load_file(str(out / "model.safetensors")), load_file(str(two_proc[0] / "model.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
