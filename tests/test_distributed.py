@@ -128,7 +128,7 @@ def test_two_processes_see_the_same_batches_so_the_losses_match_one_process(one_
     one = [r["train_loss"] for r in read_json(one_proc / "log_history.json") if "train_loss" in r]
     two = [r["train_loss"] for r in read_json(two_proc[0] / "log_history.json") if "train_loss" in r]
     assert len(one) == len(two) == FINETUNE_STEPS
-    assert two == pytest.approx(one, rel=1e-4)
+    assert two == pytest.approx(one, rel=1e-5)  # measured: 1.1e-7
     assert one[-1] < one[0]  # it trains
 
 
