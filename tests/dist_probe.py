@@ -1,7 +1,9 @@
-"""Test helper, launched like the trainer (``accelerate launch tests/dist_probe.py OUT NAME -- FLAGS [:: NAME -- FLAGS]``).
+"""Test helper, launched like the trainer:
 
-For each ``NAME -- FLAGS`` group it builds the trainer's own :class:`hf_vit.trainer.Run` from the training flags — so the
-datasets, ``ExampleStream`` sharders, collate functions and loaders are exactly the ones a training run would use on
+    accelerate launch tests/dist_probe.py OUT NAME -- FLAGS [:: NAME -- FLAGS ...]
+
+For each ``NAME -- FLAGS`` group it builds the trainer's own :class:`hf_vit.trainer.Run` from the training flags — so
+the datasets, ``ExampleStream`` sharders, collate functions and loaders are exactly the ones a training run would use on
 this rank — iterates epoch 0 of the train loader (workers and all) and writes ``OUT/NAME.rank<R>.json`` with the keys
 of every micro-batch this rank received, in order. Rank 0 also writes ``OUT/NAME.epoch.json``: the keys of the whole
 epoch as one consumer sees them (world 1, one worker), the reference the ranks' shares must add up to.
@@ -27,8 +29,8 @@ def probe(out: Path, name: str, flags: list[str]) -> None:
     run.train_stream.set_epoch(0)
     run.train_collate.epoch = 0
     batches = [batch["keys"] for batch in run.train_loader]
-    record = {"rank": acc.process_index, "world": acc.num_processes,
-              "workers": run.cfg.data.dataloader_num_workers, "per_device_train_batch_size": t.per_device_train_batch_size,
+    record = {"rank": acc.process_index, "world": acc.num_processes, "workers": run.cfg.data.dataloader_num_workers,
+              "per_device_train_batch_size": t.per_device_train_batch_size,
               "gradient_accumulation_steps": t.gradient_accumulation_steps, "steps_per_epoch": run.steps_per_epoch,
               "num_train_examples": run.data.num_train_examples, "batches": batches}
     (out / f"{name}.rank{acc.process_index}.json").write_text(json.dumps(record))

@@ -61,7 +61,8 @@ def listing(root: Path) -> set[str]:
             return "events.out.tfevents.*"
         return "*" if re.fullmatch(r"\d+\.\d+", part) else part
 
-    return {"/".join(blank(part) for part in path.relative_to(root).parts) for path in root.rglob("*") if path.is_file()}
+    return {"/".join(blank(part) for part in path.relative_to(root).parts)
+            for path in root.rglob("*") if path.is_file()}
 
 
 def expected_lrs(total: int, warmup: int) -> list[float]:
@@ -300,7 +301,8 @@ def test_the_requeued_job_resumes_to_the_uninterrupted_result(preempted, two_pro
                           timeout=TIMEOUT)
     assert proc.returncode == 0 and "training complete" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert slurm_log.read_text() == "requeue 4242\n"  # finished: not requeued again
-    resumed, uninterrupted = load_file(str(out / "model.safetensors")), load_file(str(two_proc[0] / "model.safetensors"))
+    resumed = load_file(str(out / "model.safetensors"))
+    uninterrupted = load_file(str(two_proc[0] / "model.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
     losses = [[r["train_loss"] for r in read_json(d / "log_history.json") if "train_loss" in r]
@@ -315,7 +317,8 @@ def test_fsdp_config_on_cpu_wraps_vit_layers_but_accelerate_runs_ddp(tmp_path):
     for CPU processes (the trainer's Accelerator gets MULTI_CPU, i.e. DDP); the config's wrap policy finds the ViT
     blocks; torch's FSDP2 over gloo shards them and reproduces the unsharded SGD step."""
     run_script(["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"),
-                "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(29000 + os.getpid() % 500),
+                "--num_processes", "2", "--mixed_precision", "no",
+                "--main_process_port", str(29000 + os.getpid() % 500),
                 "tests/fsdp_cpu_check.py", str(tmp_path)], timeout=TIMEOUT)
     for rank in (0, 1):
         result = read_json(tmp_path / f"rank{rank}.json")

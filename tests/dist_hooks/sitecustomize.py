@@ -1,7 +1,7 @@
 """Test-only write auditor, loaded into every process of a launch by putting this folder on PYTHONPATH.
 
-With ``HF_VIT_AUDIT_ROOT`` (a folder) and ``HF_VIT_AUDIT_LOG`` (another folder) set, every Python-level write under the
-root — ``open`` for writing, ``mkdir``, ``rename``/``replace``, ``remove``, ``rmtree`` — is appended as one JSON line to
+With ``HF_VIT_AUDIT_ROOT`` (a folder) and ``HF_VIT_AUDIT_LOG`` (another folder) set, every Python-level write under
+the root — ``open`` for writing, ``mkdir``, ``rename``/``replace``, ``remove``, ``rmtree`` — is appended as one line to
 ``HF_VIT_AUDIT_LOG/rank<RANK>.jsonl`` with the process id and a timestamp, so a test can tell which rank wrote what.
 Native writers that bypass Python's audit events (safetensors' Rust writer) are not seen; tests pair this log with a
 listing of the output folder.
@@ -40,7 +40,8 @@ def _is_write(event, args):
     if event != "open":
         return True
     mode, flags = args[1], args[2]
-    return bool((isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & _WRITE_FLAGS))
+    return bool((isinstance(mode, str) and any(c in mode for c in "wax+"))
+                or (isinstance(flags, int) and flags & _WRITE_FLAGS))
 
 
 def _hook(event, args):
