@@ -403,11 +403,11 @@ class Run:
         # One small all-reduce per step: every rank takes the same skip/stop decisions.
         totals = acc.reduce(totals, "sum").tolist()
         if not totals[3] and t.max_grad_norm:
-            grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+            grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)  # None under DeepSpeed
             # A finite loss can still give inf/NaN gradients, and one such update poisons every weight. (Under fp16
             # the grad scaler skips those steps itself, and must see them to lower its scale.) The norm is global,
             # so every rank decides alike.
-            totals[3] = float(acc.scaler is None and not math.isfinite(grad_norm))
+            totals[3] = float(acc.scaler is None and grad_norm is not None and not math.isfinite(float(grad_norm)))
         if totals[3]:
             optimizer.zero_grad(set_to_none=True)
             s.nonfinite_steps += 1
