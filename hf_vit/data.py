@@ -5,20 +5,34 @@ Design (why it is built this way):
 
 * **One sharding rule for map-style and streaming data.** An epoch is a fixed order of examples (a seeded permutation,
   or the seeded shuffled stream) cut into *blocks* of ``per_device_batch`` examples. With N processes x W workers there
-  are C = N*W consumers; block b goes to consumer ``b % C``, and only complete *rounds* of C blocks are used. So every
-  example of an epoch reaches exactly one consumer, every rank runs the same number of micro-batches (no DDP hang), and
-  the last incomplete round (< C x per_device_batch examples) is dropped — that is the last-batch policy.
-  We do not hand the train loader to ``accelerator.prepare``: for a ``datasets.IterableDataset`` accelerate shards by
-  files (``dataset.shard``) — unequal example counts per rank — and on top of ``split_dataset_by_node`` it shards twice
-  (accelerate#3547). Here the rule above is the only sharding.
+  are C = N*W consumers; block b goes to consumer ``b % C``, and only complete *rounds* of C full blocks are used. So
+  every example of an epoch reaches exactly one consumer, every rank runs the same number of micro-batches (W per
+  round: no DDP hang), and the last incomplete round (< C x per_device_batch examples) is dropped — that is the
+  last-batch policy (evaluation, ``drop_incomplete_round=False``, keeps it). Streaming, every consumer walks the whole
+  (undecoded) stream and keeps its blocks: C reads of the bytes, no decoding of what it does not keep.
+* **Accelerate does not shard the loader.** The train loader never goes through ``accelerator.prepare``, and the
+  Accelerator is built with ``dispatch_batches=False``. For an iterable dataset accelerate would otherwise dispatch
+  (one process reads every batch and sends slices to the others — a bottleneck, by default), split a
+  ``datasets.IterableDataset`` by files (``dataset.shard``: unequal example counts per rank, so a hang at the end of an
+  epoch), or wrap an already-sharded stream in ``IterableDatasetShard`` and shard it a second time (accelerate#3547,
+  the same trap as ``split_dataset_by_node`` + ``prepare``). Here the rule above is the only sharding.
+* **A known epoch length.** The LR schedule needs the examples per epoch: the split's length (map-style), else
+  ``train_samples``, else an exact count over the example keys of a local dataset (no decoding), else the Hub metadata
+  (an estimate when ``train_val_split``/``train_fraction`` filter the stream). ``ExampleStream(num_examples=...)`` then
+  runs exactly the planned micro-batches per rank: a longer stream stops there, a shorter one ends with empty batches.
 * **Exact resume by count.** The order depends only on (seed, epoch), augmentation randomness only on (seed, epoch,
   example key), so restarting an epoch and skipping the first k micro-batches — without decoding them — reproduces
   the uninterrupted run bit for bit.
+* **Keys, not positions, decide membership.** The ``train_val_split`` carve-out and the ``train_fraction`` subset hash
+  each example's key (:func:`example_key`: its path, or a hash of its bytes) with a seed, so the same examples are
+  chosen in map-style and streaming mode, with any number of processes or workers, on any machine.
 * **uint8 until the device.** Workers decode and crop to the final size and hand over uint8 tensors (4x less to copy
-  than float32); conversion and normalisation happen batched on the device (:func:`normalize`).
+  than float32), in channels-last memory so that batching is a plain copy; conversion and normalisation happen batched
+  on the device (:func:`normalize`).
 * **Reduced-size JPEG decoding.** The random-resized crop box is chosen from the header size, then the JPEG is decoded
   at the largest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at least as large as the output
-  (``PIL.Image.draft``) — full quality for the pixels used, a fraction of the decode cost for large photos.
+  (``PIL.Image.draft``) — full quality for the pixels used, less decode work for large photos; only the crop is
+  copied out of the decoded image, and it is resized with torch's vectorised antialiased kernel.
 """
 
 from __future__ import annotations
@@ -419,6 +433,37 @@ class RandomResizedCropDecode(torch.nn.Module):
         return as_rgb_tensor(out)
 
 
+class ReflectPadRandomCrop(v2.RandomCrop):
+    """``v2.RandomCrop(size, padding, padding_mode="reflect")``: the same parameters and the same output, computed
+    from slices of the unpadded uint8 image (mirrored at the borders) instead of padding the whole image and cropping
+    it — torch's reflect padding has no uint8 kernel, so v2 would pad a float copy."""
+
+    def __init__(self, size: int, padding: int):
+        super().__init__(size, padding=padding, padding_mode="reflect")
+
+    def transform(self, inpt, params: dict):
+        if not isinstance(inpt, torch.Tensor) or inpt.ndim != 3:
+            return super().transform(inpt, params)
+        pad_left, pad_top = params["padding"][0], params["padding"][1]
+        hwc = inpt.permute(1, 2, 0)  # channels-last memory: slices along H and W copy whole pixels
+        hwc = _reflect_window(hwc, 0, params["top"] - pad_top, params["height"])
+        hwc = _reflect_window(hwc, 1, params["left"] - pad_left, params["width"])
+        return hwc.permute(2, 0, 1)
+
+
+def _reflect_window(x: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """``x`` reflect-padded along ``dim`` (the edge is not repeated), then sliced to [start, start + length): the part
+    before 0 and the part past the end are mirrored slices."""
+    n, stop = x.shape[dim], start + length
+    parts = []
+    if start < 0:
+        parts.append(x.narrow(dim, 1, -start).flip(dim))
+    parts.append(x.narrow(dim, max(start, 0), min(stop, n) - max(start, 0)))
+    if stop > n:
+        parts.append(x.narrow(dim, 2 * n - 1 - stop, stop - n).flip(dim))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def train_transform(spec: ImageSpec, args: DataArguments):
     """Per-example train transform: PIL image -> uint8 (3, S, S) tensor.
 
@@ -429,7 +474,7 @@ def train_transform(spec: ImageSpec, args: DataArguments):
     """
     if spec.crop_padding is not None:
         ops = [ToRGBTensor(), v2.Resize((spec.image_size, spec.image_size), antialias=True),
-               v2.RandomCrop(spec.image_size, padding=spec.crop_padding, padding_mode="reflect")]
+               ReflectPadRandomCrop(spec.image_size, spec.crop_padding)]
     else:
         ops = [RandomResizedCropDecode(spec.image_size, (args.random_resized_crop_scale, 1.0))]
     ops.append(v2.RandomHorizontalFlip())

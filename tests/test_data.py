@@ -365,6 +365,19 @@ def test_reduced_size_decoding_triggers_only_when_the_crop_allows_it():
     assert small.size == (400, 300)  # a crop below 2 x 224 px is decoded at full size
 
 
+def test_reflect_pad_crop_is_torchvision_random_crop_exactly():
+    from hf_vit.data import ReflectPadRandomCrop
+
+    for size, pad in ((32, 4), (224, 28), (6, 5)):
+        image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
+        channels_last = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # what the decode step hands over
+        for seed in range(30):
+            torch.manual_seed(seed)
+            expected = v2.RandomCrop(size, padding=pad, padding_mode="reflect")(image)
+            torch.manual_seed(seed)
+            assert torch.equal(ReflectPadRandomCrop(size, pad)(channels_last), expected)
+
+
 def test_enhanced_augmentation_adds_trivial_augment_and_random_erasing_with_the_mean():
     spec = ImageSpec(16, (0.25, 0.5, 0.75), (0.2, 0.2, 0.2), 16, crop_padding=2)
     ops = [type(op).__name__ for op in train_transform(spec, DataArguments(augmentation="enhanced",
