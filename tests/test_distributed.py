@@ -36,14 +36,14 @@ FINETUNE = [*TINY_ARGS, "--max_train_samples", "320", "--total_train_batch_size"
             "--warmup_epochs", "0.5", "--learning_rate", "1e-3", "--logging_steps", "1",
             "--per_device_eval_batch_size", "24", "--report_to", "tensorboard"]
 FINETUNE_STEPS, FINETUNE_WARMUP = 20, 5
-# The pretraining path: streamed ImageNet photos, random-resized crops (no --crop_padding), a tiny ViT at 32 px.
-# 128 examples, global batch 32 = 8 per process x 2 processes x 2 accumulation: 4 steps per epoch.
+# The pretraining path: streamed ImageNet photos, random-resized crops (no --crop_padding), a tiny ViT at 32 px. No
+# validation carve-out: eval under 2 processes is proved on CIFAR-10 (and a 1000-class confusion plot is slow).
+# 256 examples, global batch 32 = 8 per process x 2 processes x 2 accumulation: 8 steps, one epoch.
 PRETRAIN = ["--dataset_name", str(IMAGENET_SAMPLE), "--streaming", "true", "--image_size", "32", "--patch_size", "8",
             "--hidden_size", "64", "--intermediate_size", "128", "--num_hidden_layers", "2", "--num_attention_heads",
-            "2", "--max_train_samples", "128", "--total_train_batch_size", "32", "--gradient_accumulation_steps", "2",
-            "--num_train_epochs", "2", "--warmup_epochs", "0.5", "--learning_rate", "1e-3",
-            "--dataloader_num_workers", "2", "--max_eval_samples", "16", "--per_device_eval_batch_size", "8",
-            "--logging_steps", "1", "--report_to", "none"]
+            "2", "--max_train_samples", "256", "--total_train_batch_size", "32", "--gradient_accumulation_steps", "2",
+            "--num_train_epochs", "1", "--warmup_epochs", "0.25", "--learning_rate", "1e-3",
+            "--dataloader_num_workers", "2", "--train_val_split", "0", "--logging_steps", "1", "--report_to", "none"]
 PRETRAIN_STEPS, PRETRAIN_WARMUP = 8, 2
 LATE_RANK_SECONDS = 1  # how late rank 1 arrives at every checkpoint in the 2-process run
 TIMEOUT = 300  # a rank stuck in a collective would hold the whole launch past this
@@ -136,10 +136,10 @@ def test_two_processes_see_the_same_batches_so_the_losses_match_one_process(one_
 def test_pretraining_streams_under_two_processes_with_accumulation(pretrain):
     results = read_json(pretrain / "all_results.json")
     assert results["global_step"] == PRETRAIN_STEPS
-    assert results["train_samples_seen"] == 2 * 128
+    assert results["train_samples_seen"] == 256
     lrs = [r["learning_rate"] for r in read_json(pretrain / "log_history.json") if "learning_rate" in r]
     assert lrs == pytest.approx(expected_lrs(PRETRAIN_STEPS, PRETRAIN_WARMUP), rel=1e-9)
-    assert results["eval_samples"] > 0 and (pretrain / "model.safetensors").is_file()
+    assert (pretrain / "model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------ exact coverage by example keys
