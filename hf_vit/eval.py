@@ -164,7 +164,7 @@ def evaluate(args: EvalArguments) -> dict:
     if not state.is_main_process:
         state.wait_for_everyone()
     try:
-        splits = list(_load(data_args, None).keys())
+        splits = list(_load(data_args).keys())
         if args.eval_split is None:
             raise UserError(f"pass --eval_split; dataset {args.dataset_name!r} has splits {splits}")
         if args.eval_split not in splits:
