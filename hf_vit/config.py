@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -137,7 +138,9 @@ class TrainingArguments:
     label_smoothing: float = field(default=0.0, metadata={"help": "Cross-entropy label smoothing."})
     max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
     ema_decay: Optional[float] = field(default=None, metadata={"help": "Keep an EMA of the weights (e.g. 0.999)."})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Autocast precision."})
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(
+        default=None, metadata={"help": "Autocast precision; unset: the accelerate config's (or 'no')."}
+    )
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (default: each epoch)."})
     logging_steps: int = field(default=10, metadata={"help": "Log train loss and LR every N steps."})
@@ -243,11 +246,19 @@ def parse_config(argv: list[str] | None = None, defaults: dict | None = None) ->
 def _check_choices(cfg: RunConfig) -> None:
     # argparse checks choices for flags only; recipe values arrive as defaults and are checked here.
     for group in (cfg.model, cfg.data, cfg.train):
+        # The declared annotations (HfArgumentParser rewrites field.type, dropping Optional).
+        hints = typing.get_type_hints(type(group))
         for f in dataclasses.fields(group):
-            choices = getattr(f.type, "__args__", None) if "Literal" in str(f.type) else None
+            hint = hints[f.name]
+            if "Literal" not in str(hint):
+                continue
+            # Literal[...] or Optional[Literal[...]] (then None is allowed too).
+            args = typing.get_args(hint)
+            literal = next((a for a in args if typing.get_origin(a) is Literal), hint)
+            choices = list(typing.get_args(literal)) + ([None] if type(None) in args else [])
             value = getattr(group, f.name)
-            if choices and value not in choices:
-                raise UserError(f"{f.name}={value!r} is not one of {list(choices)}")
+            if value not in choices:
+                raise UserError(f"{f.name}={value!r} is not one of {choices}")
 
 
 def save_config(cfg: RunConfig, output_dir: str) -> str:

@@ -182,7 +182,7 @@ class Run:
         t, d = cfg.train, cfg.data
         validate(cfg)
         self.accelerator = Accelerator(
-            mixed_precision=t.mixed_precision,
+            mixed_precision=t.mixed_precision,  # None: the launcher's setting (accelerate config / env)
             log_with=_trackers(t.report_to),
             project_dir=t.output_dir,
             # Batches are sharded by our own rule (data.py); accelerate never re-shards or dispatches them.
@@ -201,8 +201,16 @@ class Run:
         check_output_dir(cfg, resuming=t.resume_from_checkpoint is not None)
         set_seed(t.seed)
 
-        with acc.main_process_first():  # the first process builds the datasets cache, the others reuse it
+        # The main process builds the datasets cache first, the others then reuse it. Unlike main_process_first, the
+        # main process reaches the barrier even when loading fails, so the others meet the same one-line error
+        # instead of a broken connection.
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+        try:
             self.data = load_splits(d, t.seed)
+        finally:
+            if acc.is_main_process:
+                acc.wait_for_everyone()
         self.label_names = self.data.label_names
         self.model = build_model(cfg.model, self.label_names)
         if cfg.model.freeze_backbone:
@@ -545,9 +553,12 @@ class Run:
                     model = self.ema.module
                     eval_metrics = {**eval_metrics["ema"], "ema": eval_metrics["ema"]}
         results["final_weights"] = final_weights
+        # Under FSDP the raw weights are sharded: every rank takes part in gathering the full state dict. (The EMA
+        # copy is a plain module on each rank.)
+        state_dict = acc.get_state_dict(self.model) if final_weights == "raw" else None
         if acc.is_main_process:
             out = Path(t.output_dir)
-            model.save_pretrained(out, safe_serialization=True)
+            model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
             self.processor.save_pretrained(out)
             with open(out / "all_results.json", "w") as f:
                 json.dump(results, f, indent=2)
@@ -564,7 +575,7 @@ class Run:
                 plot_confusion_matrix(eval_metrics["confusion_matrix"], self.label_names, out / "confusion_matrix.png")
             plot_learning_curve(s.log_history, out / "learning_curve.png")
             hardware = (f"{acc.num_processes} x {torch.cuda.get_device_name() if acc.device.type == 'cuda' else 'CPU'}"
-                        f" ({platform.processor() or platform.machine()}), mixed_precision={t.mixed_precision}")
+                        f" ({platform.processor() or platform.machine()}), mixed_precision={acc.mixed_precision}")
             write_model_card(out, cfg.to_dict(), results, self.label_names, hardware, runtime,
                              cfg.data.dataset_name, cfg.model.model_name_or_path or cfg.model.model_preset)
             if eval_metrics is not None:
