@@ -450,7 +450,8 @@ class Run:
                    desc="train")
         save_every = int(t.checkpointing_steps) if str(t.checkpointing_steps).isdigit() else None
         loss_window, preempted = [], False
-        with Preemption() as preemption:
+        # Closing the bar on the way out (also on an error) ends its line, so an `error:` message starts its own.
+        with Preemption() as preemption, bar:
             while s.global_step < self.total_steps and not preempted:
                 # Restart the epoch's order and skip what this epoch already consumed (no decoding of skipped data).
                 self.train_stream.set_epoch(s.epoch, skip_micro_batches=s.step_in_epoch * accum)
