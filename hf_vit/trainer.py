@@ -213,6 +213,10 @@ class Run:
                 acc.wait_for_everyone()
         self.label_names = self.data.label_names
         self.model = build_model(cfg.model, self.label_names)
+        if acc.device.type == "cpu" and t.mixed_precision == "bf16":
+            # The same attention maths, but SDPA's bf16 CPU kernel makes the whole step ~2x slower than plain matmul
+            # attention (docs/performance.md); the choice is not saved with the model.
+            self.model.set_attn_implementation("eager")
         if cfg.model.freeze_backbone:
             for name, p in self.model.named_parameters():
                 p.requires_grad = name.startswith("classifier.")
