@@ -213,7 +213,7 @@ class Run:
                 acc.wait_for_everyone()
         self.label_names = self.data.label_names
         self.model = build_model(cfg.model, self.label_names)
-        if acc.device.type == "cpu" and t.mixed_precision == "bf16":
+        if acc.device.type == "cpu" and acc.mixed_precision == "bf16":
             # The same attention maths, but SDPA's bf16 CPU kernel makes the whole step ~2x slower than plain matmul
             # attention (docs/performance.md); the choice is not saved with the model.
             self.model.set_attn_implementation("eager")
