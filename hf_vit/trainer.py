@@ -17,6 +17,7 @@ import platform
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,9 +355,12 @@ class Run:
         if self.ema is not None and os.path.isfile(os.path.join(path, "ema.safetensors")):
             self.ema.module.load_state_dict(load_file(os.path.join(path, "ema.safetensors"), device=str(acc.device)))
             self.ema.n_averaged.fill_(n_averaged)
-        # The schedule is a pure function of the step: rebuild its position instead of unpickling it.
-        for _ in range(self.state.global_step):
-            self.scheduler.step()
+        # The schedule is a pure function of the step: rebuild its position instead of unpickling it. Stepping it before
+        # any optimizer step is the point here, so torch's warning about that order does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            for _ in range(self.state.global_step):
+                self.scheduler.step()
         logger.info("Resumed from %s at step %d (epoch %d, step %d of it)", path, self.state.global_step,
                     self.state.epoch, self.state.step_in_epoch)
 
