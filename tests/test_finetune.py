@@ -140,6 +140,22 @@ def test_position_embeddings_are_interpolated_not_reinitialised_when_the_image_s
         assert model(pixel_values=torch.randn(2, 3, 64, 64)).logits.shape == (2, 5)
 
 
+def test_a_backbone_only_vit_model_checkpoint_gets_a_new_head_and_drops_its_pooler(tmp_path):
+    from transformers import ViTModel
+
+    torch.manual_seed(2)
+    backbone = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64))
+    backbone.save_pretrained(tmp_path)
+    model = load_pretrained(ModelArguments(model_name_or_path=str(tmp_path)), NEW_LABELS)
+    state = model.state_dict()
+    source = {k: v for k, v in backbone.state_dict().items() if not k.startswith("pooler.")}
+    assert all(torch.equal(state["vit." + k], v) for k, v in source.items())
+    assert_fresh_head(model, 5)
+    assert model.loading_report["reinitialized"] == ["classifier.bias", "classifier.weight"]
+    assert model.loading_report["unexpected"] == ["pooler.dense.bias", "pooler.dense.weight"]
+
+
 def test_a_half_precision_checkpoint_is_loaded_as_float32_master_weights(tmp_path):
     source = save_source(tmp_path, dtype=torch.bfloat16)
     model = load_pretrained(ModelArguments(model_name_or_path=str(tmp_path)), NEW_LABELS)
