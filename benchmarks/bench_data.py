@@ -3,8 +3,9 @@
     python benchmarks/bench_data.py [--imagenet ../shared/datasets/imagenet-sample] [--cifar ../shared/datasets/cifar10]
 
 One process, one thread (``torch.set_num_threads(1)``, no loader workers): the figure is what one loader worker core
-delivers. Each case runs ``--repeats`` timed passes over the same encoded images after a warm-up pass and reports the
-best pass (the least disturbed by other work on the machine) and the median.
+delivers. The encoded images are held in memory; after a warm-up, ``--repeats`` rounds each run one timed pass per case
+(interleaved, so a busy spell slows every case alike), and the best pass (the least disturbed) and the median are
+reported.
 
 * ``pipeline``: :class:`hf_vit.data.DecodeCollate` with :func:`hf_vit.data.train_transform`, exactly as the trainer
   builds it (``ImageSpec`` from ``build_image_processor``), batch of 64, uint8 out. Normalisation happens batched on the
@@ -12,7 +13,12 @@ best pass (the least disturbed by other work on the machine) and the median.
   machine without one.
 * ``reference``: the usual per-sample path: PIL decode -> torchvision ``RandomResizedCrop`` (or pad-and-crop for CIFAR)
   -> horizontal flip -> ``ToTensor`` -> ``Normalize`` in float, then ``default_collate`` into a batch.
-* ``decode``: bare full-size JPEG decode to RGB (PIL), the floor the reference path cannot beat.
+* ``decode``: bare full-size JPEG decode to RGB (PIL), the floor the reference path cannot beat; ``decode_1_8`` the
+  same at 1/8 scale (the most a reduced-size decode can save); ``reduced_size_decodes``: the fraction of ViT-B/16
+  random-resized crops large enough (short side >= 448 px) for the pipeline to decode at a reduced size.
+
+Rates are images per CPU second of this process (``time.process_time``), so that other work on a shared machine does
+not lower them; ``wall_best`` is the same per wall-clock second.
 
 The last line is JSON; ``pipeline_images_per_sec_per_core`` and ``reference_images_per_sec_per_core`` are the ImageNet
 sample figures.
@@ -40,8 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_vit.config import DataArguments  # noqa: E402
-from hf_vit.data import (DecodeCollate, ImageSpec, build_image_processor, normalize,  # noqa: E402
-                         train_transform)
+from hf_vit.data import (DecodeCollate, ImageSpec, RandomResizedCropDecode, build_image_processor,  # noqa: E402
+                         normalize, train_transform)
 
 SHARED = REPO.parent / "shared" / "datasets"
 BATCH = 64
@@ -107,28 +113,87 @@ def reference_fn(spec: ImageSpec, image_col: str):
     return run
 
 
-def decode_fn(image_col: str):
+def decode_fn(image_col: str, reduce: int = 1):
+    """Decode to RGB at full size, or (``reduce`` 8) at 1/8 of it, the smallest a JPEG decoder can produce: what
+    remains then is mostly entropy decoding, which no reduced-size decoding avoids."""
     def run(batch: list[dict], epoch: int):
         for ex in batch:
-            PIL.Image.open(io.BytesIO(ex[image_col]["bytes"])).convert("RGB")
+            img = PIL.Image.open(io.BytesIO(ex[image_col]["bytes"]))
+            if reduce > 1:
+                img.draft("RGB", (img.width // reduce, img.height // reduce))
+            img.convert("RGB")
 
     return run
 
 
+def reduced_decode_fraction(examples: list[dict], image_col: str, spec: ImageSpec, args: DataArguments) -> float:
+    """Fraction of random-resized crops that the pipeline decodes at a reduced size (crop >= 2x the output)."""
+    crop = RandomResizedCropDecode(spec.image_size, (args.random_resized_crop_scale, 1.0))
+    torch.manual_seed(0)
+    reduced = 0
+    for ex in examples:
+        img = PIL.Image.open(io.BytesIO(ex[image_col]["bytes"]))
+        size = img.size
+        crop(img)
+        reduced += img.size != size
+    return reduced / len(examples)
+
+
+def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
+    """CPU milliseconds per image of the ImageNet-style pipeline's stages, each timed alone over all examples."""
+    from torchvision.transforms import v2
+
+    from hf_vit.data import to_uint8_tensor
+
+    def per_image(fn, n: int) -> float:
+        fn(0)
+        start = time.process_time()
+        for i in range(n):
+            fn(i)
+        return round((time.process_time() - start) / n * 1e3, 4)
+
+    data = [ex[image_col]["bytes"] for ex in examples]
+    decoded = [PIL.Image.open(io.BytesIO(b)) for b in data]
+    for img in decoded:
+        img.load()
+    torch.manual_seed(0)
+    boxes = [T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for img in decoded]
+
+    def crop(i):
+        top, left, h, w = boxes[i]
+        return to_uint8_tensor(decoded[i].crop((left, top, left + w, top + h)))
+
+    crops = [crop(i) for i in range(len(data))]
+    n = len(data)
+    return {
+        "decode": per_image(lambda i: PIL.Image.open(io.BytesIO(data[i])).load(), n),
+        "crop_to_tensor": per_image(crop, n),
+        "resize": per_image(lambda i: v2.functional.resize(crops[i], [size, size], antialias=True), n),
+        "torch_manual_seed": per_image(lambda i: torch.manual_seed(i), n),
+        "cpu_generator_seed": per_image(lambda i: torch.default_generator.manual_seed(i), n),
+    }
+
+
 def bench_dataset(name: str, path: str, cases: dict[str, ImageSpec], limit: int | None, repeats: int) -> dict:
     examples, image_col, _ = load_examples(path, limit)
-    fns = {"decode": decode_fn(image_col)}
+    fns = {"decode": decode_fn(image_col), "decode_1_8": decode_fn(image_col, reduce=8)}
     for case, spec in cases.items():
         args = DataArguments(crop_padding=spec.crop_padding)
         fns[f"{case}/pipeline"] = pipeline_fn(spec, args, image_col)
         fns[f"{case}/pipeline_cpu_normalize"] = pipeline_fn(spec, args, image_col, normalize_on_cpu=True)
         fns[f"{case}/reference"] = reference_fn(spec, image_col)
     rates = timed(fns, examples, repeats)
-    results = {"examples": len(examples), "decode": rates["decode"]}
-    print(f"{name}: {len(examples)} images, bare decode {results['decode']['best']} img/s/core", flush=True)
+    results = {"examples": len(examples), "decode": rates["decode"], "decode_1_8": rates["decode_1_8"]}
+    print(f"{name}: {len(examples)} images, bare decode {results['decode']['best']} img/s/core "
+          f"(at 1/8 size {results['decode_1_8']['best']})", flush=True)
     for case in cases:
         row = {kind: rates[f"{case}/{kind}"] for kind in ("pipeline", "pipeline_cpu_normalize", "reference")}
         row["speedup"] = round(row["pipeline"]["best"] / row["reference"]["best"], 2)
+        if spec.crop_padding is None:
+            row["reduced_size_decodes"] = round(
+                reduced_decode_fraction(examples, image_col, spec, DataArguments()), 4)
+            row["stages_ms_per_image"] = stage_breakdown(examples, image_col, spec.image_size)
+            print(f"{name} {case} stages (CPU ms per image): {row['stages_ms_per_image']}", flush=True)
         results[case] = row
         print(f"{name} {case}: pipeline {row['pipeline']['best']} (with CPU normalize "
               f"{row['pipeline_cpu_normalize']['best']}), reference {row['reference']['best']} img/s/core, "

@@ -123,13 +123,14 @@ def _load(args: DataArguments):
         if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
             loaded = datasets.load_from_disk(name)  # written by save_to_disk
             if args.streaming:
-                loaded = datasets.IterableDatasetDict({k: v.to_iterable_dataset(num_shards=max(1, min(64, len(v) // 1000)))
-                                                       for k, v in loaded.items()})
+                loaded = datasets.IterableDatasetDict(
+                    {k: v.to_iterable_dataset(num_shards=max(1, min(64, len(v) // 1000))) for k, v in loaded.items()})
             return loaded
         return datasets.load_dataset(name, args.dataset_config_name, streaming=args.streaming)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
         where = "local folder" if os.path.exists(name) else "Hub (unreachable offline: pass a local path instead)"
-        raise UserError(f"cannot load dataset {args.dataset_name!r} from the {where}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load dataset {args.dataset_name!r} from the {where}: {str(err).splitlines()[0]}") from None
 
 
 def find_column(columns: list[str], requested: str | None, candidates: tuple[str, ...], what: str) -> str:
@@ -286,7 +287,8 @@ def load_splits(args: DataArguments, seed: int) -> DataSplits:
         n_eval = len(eval_ds) if isinstance(eval_ds, datasets.Dataset) else n_eval
     elif args.train_samples is not None:
         n_train, source = args.train_samples, "train_samples"
-    elif os.path.isdir(os.path.expanduser(args.dataset_name)) and (val_frac or args.train_fraction < 1 or n_total is None):
+    elif os.path.isdir(os.path.expanduser(args.dataset_name)) and (val_frac or args.train_fraction < 1
+                                                                   or n_total is None):
         # A local stream: count exactly (keys only, nothing decoded), so the epoch length is not an estimate.
         n_train = n_val = 0
         for key, _ in split_examples(args, args.train_split, prepare(raw_train), image_col, label_col):
@@ -302,7 +304,9 @@ def load_splits(args: DataArguments, seed: int) -> DataSplits:
             n_train = round(n_total * (1 - val_frac) * args.train_fraction)
             n_eval = round(n_total * val_frac) if val_frac else n_eval
             source += (f" x {1 - val_frac:.4g} (validation carve-out) x {args.train_fraction:.4g} (train_fraction), "
-                       "an estimate: set --train_samples to the exact count from `python -m hf_vit.data describe`")
+                       "an estimate")
+            logger.warning("%d training examples per epoch is an estimate (%s); set --train_samples to the exact "
+                           "count (`python -m hf_vit.data describe` prints it as selected_examples)", n_train, source)
     if args.max_train_samples is not None:
         train = train.select(range(min(len(train), args.max_train_samples))) if not streaming \
             else train.take(args.max_train_samples)

@@ -1,12 +1,11 @@
-"""The data stage (hf_vit/data.py): loading and column detection, the validation carve-out, the train_fraction subset and
-`describe`, the exact sharding rule over processes x workers, resume by count, transforms, MixUp/CutMix, bad data —
-on ../shared/datasets and on small datasets generated here."""
+"""The data stage (hf_vit/data.py): loading and column detection, the validation carve-out, the train_fraction subset
+and `describe`, the exact sharding rule over processes x workers, resume by count, transforms, MixUp/CutMix, bad
+data — on ../shared/datasets and on small datasets generated here."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +56,8 @@ def write_parquet_folder(root: Path, splits: dict[str, datasets.Dataset], shards
     (root / "data").mkdir(parents=True)
     for name, ds in splits.items():
         for k in range(shards):
-            ds.shard(shards, k, contiguous=True).to_parquet(str(root / "data" / f"{name}-{k:05d}-of-{shards:05d}.parquet"))
+            path = root / "data" / f"{name}-{k:05d}-of-{shards:05d}.parquet"
+            ds.shard(shards, k, contiguous=True).to_parquet(str(path))
     return root
 
 
