@@ -57,6 +57,8 @@ def parse_args(argv=None):
                         help=f"peak for MFU (default: {H200_BF16_PEAK_TFLOPS:g}, an H200's bf16, on CUDA; none on CPU)")
     parser.add_argument("--skip_bare", action="store_true", help="time the pipeline only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many pipeline steps and print where the time goes")
     return parser.parse_known_args(argv)
 
 
@@ -159,7 +161,7 @@ def time_steps(step, n: int, device) -> tuple[float, float]:
 def measure(preset: str, batch_size: int, steps: int = 5, rounds: int = 6, warmup: int = 2,
             mixed_precision: str = "no", torch_compile: bool = False, num_labels: int | None = None,
             peak_tflops: float | None = None, skip_bare: bool = False, extra: list[str] | None = None,
-            log=print) -> dict:
+            profile_steps: int = 0, log=print) -> dict:
     """Time the pipeline's step and the bare loop (interleaved); returns the figures as a dict."""
     import itertools
 
@@ -200,6 +202,7 @@ def measure(preset: str, batch_size: int, steps: int = 5, rounds: int = 6, warmu
                 cpu_seconds[name].append(cpu)
             log("  round %d: %s" % (r, ", ".join(f"{n} {batch_size * steps / seconds[n][-1]:.1f} img/s"
                                                   for n in names)))
+        profile = where_the_time_goes(loops["pipeline"], profile_steps, device, log) if profile_steps else None
     result = {"benchmark": "bench_train", "preset": preset, "batch_size": batch_size, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
               or platform.machine(),
@@ -225,7 +228,29 @@ def measure(preset: str, batch_size: int, steps: int = 5, rounds: int = 6, warmu
             b / p for p, b in zip(cpu_seconds["pipeline"], cpu_seconds["bare"]))
     if peak_tflops:
         result["peak_tflops"] = peak_tflops
+    if profile:
+        result["profile_top_ops"] = profile
     return result
+
+
+def where_the_time_goes(step, steps: int, device, log, top: int = 12) -> list[dict]:
+    """Profile ``steps`` calls of ``step`` with torch.profiler; log and return the ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    rows = [{"op": e.key, "share": getattr(e, attr) / total, "ms_per_step": getattr(e, attr) / 1e3 / steps,
+             "calls_per_step": e.count / steps} for e in events[:top]]
+    log(f"  where a pipeline step's {'GPU' if device.type == 'cuda' else 'CPU'} time goes ({steps} steps profiled):")
+    for row in rows:
+        log(f"    {row['share']:6.1%} {row['ms_per_step']:9.2f} ms/step {row['calls_per_step']:6.0f} calls  {row['op']}")
+    return rows
 
 
 def summary(result: dict) -> str:
@@ -258,7 +283,7 @@ def main(argv=None) -> dict:
     mixed_precision = args.mixed_precision or ("bf16" if on_cuda else "no")
     peak = args.peak_tflops or (H200_BF16_PEAK_TFLOPS if on_cuda else None)
     result = measure(args.preset, args.batch_size, args.steps, args.rounds, args.warmup, mixed_precision,
-                     args.torch_compile, args.num_labels, peak, args.skip_bare, extra)
+                     args.torch_compile, args.num_labels, peak, args.skip_bare, extra, args.profile)
     print(summary(result))
     print(json.dumps(result))
     return result

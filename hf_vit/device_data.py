@@ -49,7 +49,7 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 # Examples that share one draw of TrivialAugmentWide / RandomErasing parameters (see the module docstring).
-ENHANCED_CHUNK = 16
+ENHANCED_CHUNK = 32
 # Refuse to hold more than this fraction of the free memory of the device (or of RAM, on CPU).
 MAX_MEMORY_FRACTION = 0.5
 _DECODE_CHUNK = 1024
