@@ -205,11 +205,23 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+REQUIRED_MODULES = ("torch", "torchvision", "transformers", "accelerate", "datasets", "evaluate", "PIL", "yaml",
+                    "safetensors")
+
+
 def main(argv=None) -> dict:
+    import importlib.util
+
     args = parse_args(argv)
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     from hf_vit.errors import UserError
+
+    # Say at once what the machine lacks, rather than failing minutes in (there is no network to install from).
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"this Python ({sys.executable}) lacks {missing}; install them from local wheels "
+                        "(pip install --no-index --find-links DIR ...) or set PYTHON to an environment that has them")
 
     if not os.path.isdir(args.cifar_dir):
         raise UserError(f"CIFAR-10 folder {args.cifar_dir!r} does not exist; pass the parquet folder "

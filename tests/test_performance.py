@@ -26,6 +26,9 @@ from hf_vit.errors import UserError
 
 SEED = 7
 BLOCK = 16
+# torchvision 0.29 announces on every decode that its decoders will move to TorchCodec (device_data.py filters it
+# outside pytest, which resets warning filters per test).
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 def _spec(size=32, padding=4):
