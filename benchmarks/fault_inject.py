@@ -6,9 +6,9 @@ finishes, and compare the final state bit for bit with an uninterrupted run of t
 Per mode (``map``: CIFAR-10 as a map-style dataset, ``streaming``: the same parquet folder as an IterableDataset) it
 trains one uninterrupted reference, then ``--cycles`` times: launch -> SIGKILL when the progress bar reaches a random
 step (plus a random few milliseconds, so kills land inside steps, evaluations and checkpoint saves alike) ->
-relaunch with ``--resume_from_checkpoint latest`` -> ... -> run to the end. "Identical" means every tensor of the final
-``model.safetensors``, of the newest checkpoint's ``model.safetensors``, ``ema.safetensors`` and optimizer state, and the
-data position in its ``trainer_state.json``, equal the reference's exactly.
+relaunch with ``--resume_from_checkpoint latest`` -> ... -> run to the end. "Identical" means every tensor of the
+final ``model.safetensors``, of the newest checkpoint's ``model.safetensors``, ``ema.safetensors`` and optimizer state,
+and the data position in its ``trainer_state.json``, equal the reference's exactly.
 
 The configuration is the tiny preset on real CIFAR-10 with every piece of state a resume must restore switched on:
 dropout and MixUp (global torch RNG), an EMA, gradient accumulation (the data position counts micro-batches),
@@ -111,6 +111,7 @@ def run_with_kills(cmd: list[str], output_dir: Path, kill_steps: list[int], rng:
     kills, pending, launches = [], list(kill_steps), 0
     deadline = time.time() + timeout
     while True:
+        tmp_before = set(output_dir.glob("checkpoint-*.tmp"))
         launch = Launch(cmd if launches == 0 else [*cmd, "--resume_from_checkpoint", "latest"], log_path)
         launches += 1
         target = pending.pop(0) if pending else None
@@ -126,8 +127,9 @@ def run_with_kills(cmd: list[str], output_dir: Path, kill_steps: list[int], rng:
         rc = launch.wait()
         if rc == -signal.SIGKILL:
             newest = newest_checkpoint(output_dir)
-            kills.append({"target_step": target, "seen_step": launch.step,
-                          "partial_saves_left": sorted(p.name for p in output_dir.glob("checkpoint-*.tmp")),
+            # .tmp folders this launch left: a save (checkpoint-N.tmp) or a deletion (.deleting.tmp) the kill cut short.
+            left = sorted(p.name for p in set(output_dir.glob("checkpoint-*.tmp")) - tmp_before)
+            kills.append({"target_step": target, "seen_step": launch.step, "tmp_left": left,
                           "resume_from": newest.name if newest else None})
             continue
         if rc != 0:
@@ -203,13 +205,13 @@ def run_mode(mode: str, cycles: int, kills_per_cycle: int, workdir: Path, rng: r
         diffs = compare(reference, final_state(out))
         identical += not diffs
         results.append({**record, "identical": not diffs, "differences": diffs})
-        print(f"{mode} cycle {cycle}: kills at steps {[k['seen_step'] for k in record['kills']]}, resumed from "
-              f"{[k['resume_from'] for k in record['kills']]}, partial saves left "
-              f"{[k['partial_saves_left'] for k in record['kills'] if k['partial_saves_left']]}: "
+        print(f"{mode} cycle {cycle}: killed at steps {[k['seen_step'] for k in record['kills']]}, resumed from "
+              f"{[k['resume_from'] for k in record['kills']]}, cut-short saves/deletions "
+              f"{[k['tmp_left'] for k in record['kills'] if k['tmp_left']]}: "
               f"{'identical' if not diffs else 'DIFFERENT: ' + '; '.join(diffs)}", flush=True)
     print(f"{mode}: identical: {identical}/{cycles}", flush=True)
     return {"identical": identical, "cycles": cycles, "kills": sum(len(r["kills"]) for r in results),
-            "kills_leaving_partial_save": sum(bool(k["partial_saves_left"]) for r in results for k in r["kills"]),
+            "kills_inside_a_save_or_deletion": sum(bool(k["tmp_left"]) for r in results for k in r["kills"]),
             "seconds": round(time.time() - start, 1), "runs": results}
 
 
