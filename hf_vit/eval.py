@@ -131,8 +131,9 @@ def _model_config(path: str):
 
 def _load_model(path: str, config) -> tuple[ViTForImageClassification, object]:
     try:
+        # use_safetensors: a pickle (pytorch_model.bin) is never loaded (docs/reliability.md, Security).
         model, info = ViTForImageClassification.from_pretrained(path, config=config, output_loading_info=True,
-                                                                attn_implementation="sdpa")
+                                                                use_safetensors=True, attn_implementation="sdpa")
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"cannot load weights from {path!r}: {str(err).splitlines()[0]}") from None
     if info.get("missing_keys") or info.get("mismatched_keys"):
