@@ -225,7 +225,8 @@ def parse_config(argv: list[str] | None = None, defaults: dict | None = None) ->
             path = argv[i].split("=", 1)[1]
             del argv[i]
         recipe.update(load_recipe(path))
-    parser = HfArgumentParser(ARG_GROUPS)
+    # allow_abbrev=False: a misspelt prefix such as --learning_rat must be an error, not a silent match.
+    parser = HfArgumentParser(ARG_GROUPS, allow_abbrev=False)
     parser.add_argument("--config", help="YAML recipe; command-line flags override its values.")
     # Recipe values become parser defaults, so explicit flags still override them.
     parser.set_defaults(**recipe)

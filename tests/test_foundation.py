@@ -176,3 +176,8 @@ def test_resumed_run_continues_from_its_checkpoint_step_bit_for_bit(launched_run
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((resumed / "all_results.json").read_text())["eval_accuracy"] == \
         json.loads((out / "all_results.json").read_text())["eval_accuracy"]
+
+
+def test_flag_prefixes_are_not_silently_expanded():
+    with pytest.raises(UserError, match="unknown argument"):
+        parse_config(["--learning_rat", "1e-3"])
