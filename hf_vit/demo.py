@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(["--config", str(RECIPE), "--dataset_name", dataset, "--output_dir", args.output_dir,
                         "--overwrite_output_dir", "true", *extra])
     results = train(cfg)
+    if results.get("preempted"):
+        print(f"demo: stopped by a signal at step {results['global_step']}; the checkpoint is in {args.output_dir}",
+              flush=True)
+        return
     print(f"demo: final eval accuracy {results.get('eval_accuracy', float('nan')):.4f} on "
           f"{results.get('eval_samples')} held-out images of {what}; outputs in {args.output_dir}", flush=True)
 
