@@ -34,7 +34,7 @@ from .data import (DecodeCollate, ExampleStream, ImageSpec, _load, build_loader,
                    load_splits)
 from .errors import UserError, run_cli
 from .evaluation import format_results_table
-from .trainer import _cpu_only_distributed, _top5, evaluate_model
+from .trainer import _cpu_only_distributed, _top5, evaluate_model, main_process_first
 
 logger = logging.getLogger("hf_vit")
 
@@ -159,21 +159,13 @@ def evaluate(args: EvalArguments) -> dict:
     config = _model_config(args.model_name_or_path)
     state = PartialState(cpu=_cpu_only_distributed())
     data_args = _data_arguments(args)
-    # The main process builds the datasets cache first, the others reuse it (accelerate's main_process_first, except
-    # that the main process also reaches the barrier when it fails: the others then meet the same one-line error
-    # instead of a broken connection).
-    if not state.is_main_process:
-        state.wait_for_everyone()
-    try:
+    with main_process_first(state):  # the main process builds the datasets cache, the others reuse it
         splits = list(_load(data_args).keys())
         if args.eval_split is None:
             raise UserError(f"pass --eval_split; dataset {args.dataset_name!r} has splits {splits}")
         if args.eval_split not in splits:
             raise UserError(f"split {args.eval_split!r} not found; dataset {args.dataset_name!r} has splits {splits}")
         data = load_splits(data_args, args.seed)
-    finally:
-        if state.is_main_process:
-            state.wait_for_everyone()
     check_labels([config.id2label[i] for i in range(config.num_labels)], data.label_names, args.model_name_or_path,
                  args.dataset_name)
     if not data.num_eval_examples:

@@ -111,6 +111,22 @@ def _cpu_only_distributed() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+@contextlib.contextmanager
+def main_process_first(state):
+    """The main process runs the block first (e.g. builds the datasets cache), the others then reuse its work.
+
+    Unlike accelerate's ``main_process_first``, the main process reaches the barrier even when the block fails, so
+    the other processes meet the same one-line error instead of a broken connection.
+    """
+    if not state.is_main_process:
+        state.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if state.is_main_process:
+            state.wait_for_everyone()
+
+
 def check_output_dir(cfg: RunConfig, resuming: bool) -> None:
     """Refuse to write into a folder that holds another run, unless overwriting or resuming it."""
     out = Path(cfg.train.output_dir)
@@ -202,16 +218,8 @@ class Run:
         check_output_dir(cfg, resuming=t.resume_from_checkpoint is not None)
         set_seed(t.seed)
 
-        # The main process builds the datasets cache first, the others then reuse it. Unlike main_process_first, the
-        # main process reaches the barrier even when loading fails, so the others meet the same one-line error
-        # instead of a broken connection.
-        if not acc.is_main_process:
-            acc.wait_for_everyone()
-        try:
+        with main_process_first(acc):
             self.data = load_splits(d, t.seed)
-        finally:
-            if acc.is_main_process:
-                acc.wait_for_everyone()
         self.label_names = self.data.label_names
         self.model = build_model(cfg.model, self.label_names)
         if acc.device.type == "cpu" and acc.mixed_precision == "bf16":
