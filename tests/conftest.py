@@ -58,3 +58,19 @@ def imagenet_sample_path() -> Path:
     if not IMAGENET_SAMPLE.is_dir():
         pytest.skip(f"ImageNet sample not found at {IMAGENET_SAMPLE}")
     return IMAGENET_SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Tests that call an entry point in-process (the demo, the eval command) leave accelerate's process-wide
+    singletons behind, configured for that run (bf16, say); a production process builds one Accelerator and exits,
+    so every test starts and ends with none."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()

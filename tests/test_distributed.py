@@ -169,20 +169,14 @@ def test_each_example_reaches_exactly_one_rank_and_worker_once_per_epoch(probe, 
 def test_eval_under_two_processes_equals_one_process_on_the_same_weights(two_proc, tmp_path):
     """The 2-process run's final eval (ranks hold 72 and 56 of the 128 images) against ``python -m hf_vit.eval`` on
     one process over the same validation slice of the saved model."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from hf_vit import eval as hf_eval
 
     out = two_proc[0]
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            hf_eval.main(["--model_name_or_path", str(out), "--dataset_name", str(CIFAR10), "--eval_split", "train",
-                          "--train_val_split", "0.02", "--seed", "42", "--max_eval_samples", "128",
-                          "--per_device_eval_batch_size", "24", "--dataloader_num_workers", "0",
-                          "--output_dir", str(tmp_path)])
-    finally:  # accelerate's process-wide singletons must not leak into other tests
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    with contextlib.redirect_stdout(io.StringIO()):
+        hf_eval.main(["--model_name_or_path", str(out), "--dataset_name", str(CIFAR10), "--eval_split", "train",
+                      "--train_val_split", "0.02", "--seed", "42", "--max_eval_samples", "128",
+                      "--per_device_eval_batch_size", "24", "--dataloader_num_workers", "0",
+                      "--output_dir", str(tmp_path)])
     one, two = read_json(tmp_path / "eval_results.json"), read_json(out / "eval_results.json")
     assert one["eval_samples"] == two["eval_samples"] == 128
     for key in ("eval_accuracy", "eval_top5_accuracy", "per_class", "confusion_matrix"):

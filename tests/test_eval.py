@@ -30,14 +30,6 @@ def eval_args(model_dir, *extra) -> list[str]:
             "--per_device_eval_batch_size", "16", "--dataloader_num_workers", "0", *extra]
 
 
-def reset_accelerate_state() -> None:
-    # The in-process eval leaves accelerate's process-wide singletons behind; other tests may configure their own.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cifar10_path):
     out = tmp_path_factory.mktemp("eval") / "run"
@@ -50,11 +42,8 @@ def single_process_eval(run_dir, tmp_path_factory):
     """``python -m hf_vit.eval`` in this process (saves a second interpreter start): (output dir, stdout)."""
     out = tmp_path_factory.mktemp("eval_1proc")
     stdout = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout):
-            hf_eval.main(eval_args(run_dir, "--output_dir", str(out)))
-    finally:
-        reset_accelerate_state()
+    with contextlib.redirect_stdout(stdout):  # accelerate's state it leaves is reset by conftest's autouse fixture
+        hf_eval.main(eval_args(run_dir, "--output_dir", str(out)))
     return out, stdout.getvalue()
 
 
