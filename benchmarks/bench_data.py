@@ -13,8 +13,9 @@ reported.
   machine without one.
 * ``reference``: the usual per-sample path: PIL decode -> torchvision ``RandomResizedCrop`` (or pad-and-crop for CIFAR)
   -> horizontal flip -> ``ToTensor`` -> ``Normalize`` in float, then ``default_collate`` into a batch.
-* ``decode``: bare full-size JPEG decode to RGB (PIL), the floor the reference path cannot beat; ``decode_1_8`` the
-  same at 1/8 scale (the most a reduced-size decode can save); ``reduced_size_decodes``: the fraction of ViT-B/16
+* ``decode``: bare full-size JPEG decode to RGB (PIL), the floor the reference path cannot beat; ``decode_simplejpeg``
+  the same straight through libjpeg-turbo, the floor of the pipeline whenever the crop needs the full-size image;
+  ``decode_1_8`` at 1/8 scale (the most a reduced-size decode can save); ``reduced_size_decodes``: the fraction of ViT-B/16
   random-resized crops large enough (short side >= 448 px) for the pipeline to decode at a reduced size.
 
 Rates are images per CPU second of this process (``time.process_time``), so that other work on a shared machine does
@@ -113,6 +114,17 @@ def reference_fn(spec: ImageSpec, image_col: str):
     return run
 
 
+def simplejpeg_decode_fn(image_col: str):
+    """Full-size decode straight through libjpeg-turbo, as the pipeline does for a crop that needs every pixel."""
+    import simplejpeg
+
+    def run(batch: list[dict], epoch: int):
+        for ex in batch:
+            simplejpeg.decode_jpeg(ex[image_col]["bytes"], "RGB")
+
+    return run
+
+
 def decode_fn(image_col: str, reduce: int = 1):
     """Decode to RGB at full size, or (``reduce`` 8) at 1/8 of it, the smallest a JPEG decoder can produce: what
     remains then is mostly entropy decoding, which no reduced-size decoding avoids."""
@@ -143,7 +155,7 @@ def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
     """CPU milliseconds per image of the ImageNet-style pipeline's stages, each timed alone over all examples."""
     from torchvision.transforms import v2
 
-    from hf_vit.data import to_uint8_tensor
+    from hf_vit.data import _decode_reduced
 
     def per_image(fn, n: int) -> float:
         fn(0)
@@ -153,21 +165,21 @@ def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
         return round((time.process_time() - start) / n * 1e3, 4)
 
     data = [ex[image_col]["bytes"] for ex in examples]
-    decoded = [PIL.Image.open(io.BytesIO(b)) for b in data]
-    for img in decoded:
-        img.load()
+    decoded = [_decode_reduced(PIL.Image.open(io.BytesIO(b)), 1) for b in data]
     torch.manual_seed(0)
-    boxes = [T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for img in decoded]
+    boxes = [T.RandomResizedCrop.get_params(hwc.permute(2, 0, 1), (0.08, 1.0), (3 / 4, 4 / 3)) for hwc in decoded]
 
     def crop(i):
         top, left, h, w = boxes[i]
-        return to_uint8_tensor(decoded[i].crop((left, top, left + w, top + h)))
+        return decoded[i][top:top + h, left:left + w].contiguous().permute(2, 0, 1)
 
     crops = [crop(i) for i in range(len(data))]
     n = len(data)
     return {
-        "decode": per_image(lambda i: PIL.Image.open(io.BytesIO(data[i])).load(), n),
-        "crop_to_tensor": per_image(crop, n),
+        "open_header": per_image(lambda i: PIL.Image.open(io.BytesIO(data[i])), n),
+        "decode": per_image(lambda i: _decode_reduced(PIL.Image.open(io.BytesIO(data[i])), 1), n),
+        "crop_box": per_image(lambda i: T.RandomResizedCrop.get_params(crops[i], (0.08, 1.0), (3 / 4, 4 / 3)), n),
+        "crop_copy": per_image(crop, n),
         "resize": per_image(lambda i: v2.functional.resize(crops[i], [size, size], antialias=True), n),
         "torch_manual_seed": per_image(lambda i: torch.manual_seed(i), n),
         "cpu_generator_seed": per_image(lambda i: torch.default_generator.manual_seed(i), n),
@@ -177,14 +189,19 @@ def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
 def bench_dataset(name: str, path: str, cases: dict[str, ImageSpec], limit: int | None, repeats: int) -> dict:
     examples, image_col, _ = load_examples(path, limit)
     fns = {"decode": decode_fn(image_col), "decode_1_8": decode_fn(image_col, reduce=8)}
+    if name.startswith("imagenet"):
+        fns["decode_simplejpeg"] = simplejpeg_decode_fn(image_col)
     for case, spec in cases.items():
         args = DataArguments(crop_padding=spec.crop_padding)
         fns[f"{case}/pipeline"] = pipeline_fn(spec, args, image_col)
         fns[f"{case}/pipeline_cpu_normalize"] = pipeline_fn(spec, args, image_col, normalize_on_cpu=True)
         fns[f"{case}/reference"] = reference_fn(spec, image_col)
     rates = timed(fns, examples, repeats)
-    results = {"examples": len(examples), "decode": rates["decode"], "decode_1_8": rates["decode_1_8"]}
-    print(f"{name}: {len(examples)} images, bare decode {results['decode']['best']} img/s/core "
+    results = {"examples": len(examples), **{k: rates[k] for k in ("decode", "decode_simplejpeg", "decode_1_8")
+                                              if k in rates}}
+    simple = f", libjpeg-turbo straight {results['decode_simplejpeg']['best']}" if "decode_simplejpeg" in results \
+        else ""
+    print(f"{name}: {len(examples)} images, bare decode {results['decode']['best']} img/s/core{simple} "
           f"(at 1/8 size {results['decode_1_8']['best']})", flush=True)
     for case in cases:
         row = {kind: rates[f"{case}/{kind}"] for kind in ("pipeline", "pipeline_cpu_normalize", "reference")}
@@ -230,6 +247,7 @@ def main() -> None:
     report["pipeline_images_per_sec_per_core"] = imagenet["pipeline"]["best"]
     report["reference_images_per_sec_per_core"] = imagenet["reference"]["best"]
     report["decode_images_per_sec_per_core"] = report["imagenet_sample"]["decode"]["best"]
+    report["simplejpeg_decode_images_per_sec_per_core"] = report["imagenet_sample"]["decode_simplejpeg"]["best"]
     report["speedup"] = imagenet["speedup"]
     print(json.dumps(report))
 

@@ -13,15 +13,17 @@ from pathlib import Path
 import datasets
 import numpy as np
 import PIL.Image
+import PIL.ImageFile
 import pytest
 import torch
 from torchvision.transforms import v2
 
 from conftest import REPO, run_script
+from hf_vit import data as hf_data
 from hf_vit.config import DataArguments
 from hf_vit.data import (DecodeCollate, ExampleStream, ImageSpec, RandomResizedCropDecode, batch_mixer,
                          build_image_processor, build_loader, describe, eval_transform, example_key, find_column,
-                         load_splits, main, normalize, train_transform)
+                         load_splits, main, normalize, to_uint8_tensor, train_transform)
 from hf_vit.errors import UserError, run_cli
 from hf_vit.optim import classification_loss
 
@@ -345,15 +347,17 @@ def test_normalize_maps_uint8_to_the_processor_range():
     assert torch.allclose(out[0, :, 0, 0], -mean / std) and torch.allclose(out[0, :, 0, 1], (1 - mean) / std)
 
 
-def test_reduced_size_decoding_triggers_only_when_the_crop_allows_it():
+def test_reduced_size_decoding_triggers_only_when_the_crop_allows_it(monkeypatch):
+    reductions = []
+    real = hf_data._decode_reduced
+    monkeypatch.setattr(hf_data, "_decode_reduced", lambda img, reduce: reductions.append(reduce) or real(img, reduce))
     rng = np.random.default_rng(0)
     smooth = np.kron(noise(rng, 30, 40), np.ones((40, 40, 1), dtype=np.uint8))  # 1200 x 1600, large features
     data = jpeg(smooth, quality=95)
     big_crop = RandomResizedCropDecode(224, scale=(0.9, 1.0))
-    img = PIL.Image.open(io.BytesIO(data))
     torch.manual_seed(0)
-    out = big_crop(img)
-    assert img.size[0] < 1600  # decoded at a DCT-reduced size
+    out = big_crop(PIL.Image.open(io.BytesIO(data)))
+    assert reductions == [4]  # a crop of >= 0.9 x 1200 x 1600 px keeps >= 224 px at 1/4, not at 1/8
     assert out.shape == (3, 224, 224) and out.dtype == torch.uint8
     # Same crop from the fully decoded image with torchvision's v2 RandomResizedCrop: the same picture.
     torch.manual_seed(0)
@@ -362,7 +366,51 @@ def test_reduced_size_decoding_triggers_only_when_the_crop_allows_it():
     assert (out.float() - reference.float()).abs().mean() < 4
     small = PIL.Image.open(io.BytesIO(jpeg(noise(rng, 300, 400))))
     RandomResizedCropDecode(224, scale=(0.08, 1.0))(small)
-    assert small.size == (400, 300)  # a crop below 2 x 224 px is decoded at full size
+    assert reductions[1:] == [1]  # a crop below 2 x 224 px is decoded at full size
+
+
+def _pil_decode(data: bytes, reduce: int) -> torch.Tensor:
+    """PIL's own decode of ``data`` at 1/``reduce`` (draft) as an (H, W, C) uint8 tensor: what the fast path must equal."""
+    img = PIL.Image.open(io.BytesIO(data))
+    if reduce > 1:
+        img.draft(img.mode if img.mode in ("RGB", "L") else "RGB", (img.width // reduce, img.height // reduce))
+    return to_uint8_tensor(img).permute(1, 2, 0)
+
+
+def _with_extraneous_bytes(data: bytes) -> bytes:
+    """A JPEG with junk before its end-of-image marker: libjpeg warns ("extraneous bytes"), PIL decodes it anyway."""
+    assert data.endswith(b"\xff\xd9")
+    return data[:-2] + b"\x00\x01\x02" + data[-2:]
+
+
+def test_jpeg_fast_decode_gives_pils_pixels_and_leaves_the_rest_to_pil(tmp_path, monkeypatch):
+    from hf_vit.data import _decode_reduced
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(noise(rng, 12, 16), np.ones((40, 40, 1), dtype=np.uint8))  # 480 x 640
+    fast = {"RGB": jpeg(smooth), "L": jpeg(smooth, "L"), "RGB 4:2:0 progressive": jpeg(smooth, progressive=True,
+                                                                                         subsampling=2)}
+    to_pil = {"CMYK": jpeg(smooth, "CMYK"), "libjpeg warning": _with_extraneous_bytes(jpeg(smooth))}
+    (tmp_path / "photo.jpg").write_bytes(fast["RGB"])
+    for reduce in (1, 2, 4, 8):
+        for name, data in {**fast, **to_pil}.items():
+            out = _decode_reduced(PIL.Image.open(io.BytesIO(data)), reduce)
+            assert torch.equal(out, _pil_decode(data, reduce)), (name, reduce)
+        from_file = _decode_reduced(PIL.Image.open(tmp_path / "photo.jpg"), reduce)
+        assert torch.equal(from_file, _pil_decode(fast["RGB"], reduce))
+    # The fast path really is libjpeg-turbo straight (PIL never loads those), and the others really go through PIL.
+    with monkeypatch.context() as m:
+        m.setattr(PIL.ImageFile.ImageFile, "load", lambda self: pytest.fail("PIL decoded a plain JPEG"))
+        for data in fast.values():
+            _decode_reduced(PIL.Image.open(io.BytesIO(data)), 2)
+    calls = []
+    real = hf_data.simplejpeg.decode_jpeg
+    monkeypatch.setattr(hf_data.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _decode_reduced(PIL.Image.open(io.BytesIO(to_pil["CMYK"])), 1)
+    assert calls == []  # CMYK: straight to PIL, which converts it
+    # A truncated JPEG is refused by both (the collate step counts it as bad, tested below).
+    with pytest.raises(OSError):
+        _decode_reduced(PIL.Image.open(io.BytesIO(fast["RGB"][: len(fast["RGB"]) // 2])), 1)
 
 
 def test_reflect_pad_crop_is_torchvision_random_crop_exactly():
