@@ -8,7 +8,8 @@ delivers. The encoded images are held in memory; after a warm-up, ``--repeats`` 
 reported.
 
 * ``pipeline``: :class:`hf_vit.data.DecodeCollate` with :func:`hf_vit.data.train_transform`, exactly as the trainer
-  builds it (``ImageSpec`` from ``build_image_processor``), batch of 64, uint8 out. Normalisation happens batched on the
+  builds it (``ImageSpec`` from ``build_image_processor``), batch of 64, uint8 out; ``partial_jpeg_decoding`` in the
+  JSON says whether the optional C extension (decode only what the crop needs) was built and used. Normalisation happens batched on the
   accelerator in training, so it is not part of this figure; ``pipeline_cpu_normalize`` adds it on the CPU for a
   machine without one.
 * ``reference``: the usual per-sample path: PIL decode -> torchvision ``RandomResizedCrop`` (or pad-and-crop for CIFAR)
@@ -145,9 +146,7 @@ def reduced_decode_fraction(examples: list[dict], image_col: str, spec: ImageSpe
     reduced = 0
     for ex in examples:
         img = PIL.Image.open(io.BytesIO(ex[image_col]["bytes"]))
-        size = img.size
-        crop(img)
-        reduced += img.size != size
+        reduced += crop.reduction(img, T.RandomResizedCrop.get_params(img, crop.scale, crop.ratio)) > 1
     return reduced / len(examples)
 
 
@@ -155,7 +154,7 @@ def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
     """CPU milliseconds per image of the ImageNet-style pipeline's stages, each timed alone over all examples."""
     from torchvision.transforms import v2
 
-    from hf_vit.data import _decode_reduced
+    from hf_vit.data import _decode_box, _decode_reduced, _jpeg_crop
 
     def per_image(fn, n: int) -> float:
         fn(0)
@@ -175,7 +174,7 @@ def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
 
     crops = [crop(i) for i in range(len(data))]
     n = len(data)
-    return {
+    stages = {
         "open_header": per_image(lambda i: PIL.Image.open(io.BytesIO(data[i])), n),
         "decode": per_image(lambda i: _decode_reduced(PIL.Image.open(io.BytesIO(data[i])), 1), n),
         "crop_box": per_image(lambda i: T.RandomResizedCrop.get_params(crops[i], (0.08, 1.0), (3 / 4, 4 / 3)), n),
@@ -184,6 +183,10 @@ def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
         "torch_manual_seed": per_image(lambda i: torch.manual_seed(i), n),
         "cpu_generator_seed": per_image(lambda i: torch.default_generator.manual_seed(i), n),
     }
+    if _jpeg_crop is not None:  # the same boxes, decoded only as far as each needs (crop copy included)
+        stages["decode_box_only"] = per_image(
+            lambda i: _decode_box(PIL.Image.open(io.BytesIO(data[i])), 1, boxes[i]), n)
+    return stages
 
 
 def bench_dataset(name: str, path: str, cases: dict[str, ImageSpec], limit: int | None, repeats: int) -> dict:
@@ -230,8 +233,11 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     vit_b16 = ImageSpec.from_processor(build_image_processor(224, None))
+    from hf_vit.data import _jpeg_crop
+
     report = {
         "date": time.strftime("%Y-%m-%d"),
+        "partial_jpeg_decoding": _jpeg_crop is not None,  # the optional C extension was built and is in use
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}, "
                    f"Pillow {PIL.__version__}",

@@ -16,6 +16,7 @@ import PIL.Image
 import PIL.ImageFile
 import pytest
 import torch
+from torchvision import transforms as tv_transforms
 from torchvision.transforms import v2
 
 from conftest import REPO, run_script
@@ -349,8 +350,9 @@ def test_normalize_maps_uint8_to_the_processor_range():
 
 def test_reduced_size_decoding_triggers_only_when_the_crop_allows_it(monkeypatch):
     reductions = []
-    real = hf_data._decode_reduced
-    monkeypatch.setattr(hf_data, "_decode_reduced", lambda img, reduce: reductions.append(reduce) or real(img, reduce))
+    real = hf_data._decode_box
+    monkeypatch.setattr(hf_data, "_decode_box", lambda img, reduce, box: reductions.append(reduce) or real(img, reduce,
+                                                                                                           box))
     rng = np.random.default_rng(0)
     smooth = np.kron(noise(rng, 30, 40), np.ones((40, 40, 1), dtype=np.uint8))  # 1200 x 1600, large features
     data = jpeg(smooth, quality=95)
@@ -411,6 +413,82 @@ def test_jpeg_fast_decode_gives_pils_pixels_and_leaves_the_rest_to_pil(tmp_path,
     # A truncated JPEG is refused by both (the collate step counts it as bad, tested below).
     with pytest.raises(OSError):
         _decode_reduced(PIL.Image.open(io.BytesIO(fast["RGB"][: len(fast["RGB"]) // 2])), 1)
+
+
+def _jpegs_of_every_layout(rng) -> dict[str, bytes]:
+    """Photo-like JPEGs (smooth, so that a wrong pixel shows) in every chroma layout and coding the decoder meets."""
+    smooth = np.kron(noise(rng, 15, 20), np.ones((24, 24, 1), dtype=np.uint8))  # 360 x 480
+    smooth = (smooth.astype(np.int16) + rng.integers(-8, 9, smooth.shape)).clip(0, 255).astype(np.uint8)
+    odd = np.ascontiguousarray(smooth[:357, :473])  # not a whole number of 16-px MCUs
+    return {"4:4:4": jpeg(smooth, subsampling=0), "4:2:2": jpeg(smooth, subsampling=1),
+            "4:2:0": jpeg(smooth, subsampling=2), "4:2:0 odd size": jpeg(odd, subsampling=2),
+            "4:2:0 progressive": jpeg(smooth, subsampling=2, progressive=True), "grey": jpeg(smooth, "L")}
+
+
+def test_partial_jpeg_decode_gives_the_pixels_of_the_full_decode():
+    """The C extension's crop at every DCT reduction equals the full decode cropped, bit for bit: boxes at the edges
+    of the image and in its middle, MCU-aligned or not, subsampled chroma (fancy upsampling at the crop's edges)."""
+    crop_decoder = pytest.importorskip("hf_vit._jpeg_crop", reason="built only where libjpeg's headers are present")
+    rng = np.random.default_rng(1)
+    for name, data in _jpegs_of_every_layout(rng).items():
+        grey = PIL.Image.open(io.BytesIO(data)).mode == "L"
+        for reduce in (1, 2, 4, 8):
+            full = _pil_decode(data, reduce)
+            height, width = full.shape[:2]
+            boxes = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1), (0, width - 7, height, 7)]
+            for _ in range(25):
+                h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+                boxes.append((int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w))
+            for top, left, h, w in boxes:
+                crop = crop_decoder.decode_crop(data, reduce, top, left, h, w, grey)
+                got = torch.frombuffer(crop, dtype=torch.uint8).view(h, w, -1)
+                assert torch.equal(got, full[top:top + h, left:left + w]), (name, reduce, (top, left, h, w))
+    data = _jpegs_of_every_layout(rng)["4:2:0"]
+    for bad in [(0, 0, 361, 10), (-1, 0, 5, 5), (0, 0, 0, 5), (0, 470, 5, 11)]:  # outside the 360 x 480 image
+        with pytest.raises(ValueError, match="outside"):
+            crop_decoder.decode_crop(data, 1, *bad, False)
+    with pytest.raises(ValueError, match="reduce"):
+        crop_decoder.decode_crop(data, 3, 0, 0, 5, 5, False)
+    for broken in (b"", b"not a jpeg", jpeg(np.zeros((8, 8, 3), np.uint8), "CMYK")):
+        with pytest.raises(ValueError, match="libjpeg"):  # the caller then decodes in full, through PIL at the end
+            crop_decoder.decode_crop(broken, 1, 0, 0, 1, 1, False)
+    # Data that ends inside the box: libjpeg's warning ("premature end") is an error here, not grey pixels.
+    with pytest.raises(ValueError, match="libjpeg: Premature end"):
+        crop_decoder.decode_crop(data[: len(data) // 2], 1, 0, 0, 360, 480, False)
+
+
+@pytest.mark.parametrize("crop_decoder", ["C extension", "without it"])
+def test_random_resized_crop_is_the_same_with_and_without_partial_decoding(crop_decoder, monkeypatch, tmp_path):
+    """The transform's output does not depend on how much of the JPEG was decoded, nor on where its bytes come from;
+    a truncated JPEG (no end-of-image marker) is refused even when the crop lies in the part that is there."""
+    if crop_decoder == "C extension":
+        pytest.importorskip("hf_vit._jpeg_crop", reason="built only where libjpeg's headers are present")
+    else:
+        monkeypatch.setattr(hf_data, "_jpeg_crop", None)
+    rng = np.random.default_rng(2)
+    crop = RandomResizedCropDecode(64, scale=(0.08, 1.0))
+    for name, data in _jpegs_of_every_layout(rng).items():
+        (tmp_path / "photo.jpg").write_bytes(data)
+        for seed in range(10):
+            torch.manual_seed(seed)
+            out = crop(PIL.Image.open(io.BytesIO(data)))
+            torch.manual_seed(seed)
+            from_file = crop(PIL.Image.open(tmp_path / "photo.jpg"))
+            torch.manual_seed(seed)
+            box = tv_transforms.RandomResizedCrop.get_params(PIL.Image.open(io.BytesIO(data)), (0.08, 1.0),
+                                                             (3 / 4, 4 / 3))
+            reduce = 1
+            while reduce < 8 and min(box[2:]) >= 2 * reduce * 64:
+                reduce *= 2
+            full = _pil_decode(data, reduce)
+            top, left, h, w = hf_data._scale_box(box, PIL.Image.open(io.BytesIO(data)).size[::-1], full.shape[:2])
+            expected = v2.functional.resize(full[top:top + h, left:left + w].permute(2, 0, 1), [64, 64],
+                                            antialias=True).expand(3, -1, -1)
+            assert torch.equal(out, expected) and torch.equal(from_file, expected), (name, seed)
+    data = _jpegs_of_every_layout(rng)["4:2:0"]
+    top_half = PIL.Image.open(io.BytesIO(data[: len(data) * 3 // 4]))
+    with pytest.raises(OSError):  # PIL's verdict, as for every truncated image
+        RandomResizedCropDecode(8, scale=(0.01, 0.01))(top_half)
 
 
 def test_reflect_pad_crop_is_torchvision_random_crop_exactly():
