@@ -412,6 +412,8 @@ BAD_INPUT = {
                                    ["total_train_batch_size=33 is not divisible", "1 x 2"]),
     "warmup >= epochs": (["--warmup_epochs", "2"], ["warmup_epochs=2.0", "smaller than num_train_epochs=2.0"]),
     "zero learning rate": (["--learning_rate", "0"], ["learning_rate must be positive"]),
+    "remote code asked for": (["--trust_remote_code", "true"], ["trust_remote_code=true is not supported",
+                                                                "leave it off"]),
     "negative learning rate": (["--learning_rate", "-0.001"], ["learning_rate must be positive"]),
     "train_fraction 0": (["--train_fraction", "0"], ["train_fraction must be in (0, 1]"]),
     "train_fraction above 1": (["--train_fraction", "1.5"], ["train_fraction must be in (0, 1]"]),
