@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -191,6 +191,26 @@ def _log(accelerator: Accelerator, state: LoopState, record: dict) -> None:
     accelerator.log(scalars, step=record["step"])
 
 
+def configure_deepspeed(ds_config: dict, t) -> None:
+    """Fill in what DeepSpeed cannot learn from this loop (in place; docs/scaling.md, "DeepSpeed ZeRO-2").
+
+    The loop hands accelerate no dataloader (it shards batches itself), so the micro-batch cannot stay "auto"; the
+    engine steps inside ``accelerator.backward`` on every micro-batch, so the loop's own accumulation (``no_sync`` on all
+    but the last micro-batch) would step it K times per step: the global batch must come from processes x per-device
+    batch alone; and clipping is the engine's, so it gets ``max_grad_norm`` (0 turns it off in DeepSpeed).
+    """
+    if t.gradient_accumulation_steps != 1:
+        raise UserError(
+            f"gradient_accumulation_steps={t.gradient_accumulation_steps} cannot be used under DeepSpeed (its engine "
+            "steps on every micro-batch); keep it at 1 so that total_train_batch_size is split over the processes "
+            "alone, or launch with DDP or FSDP"
+        )
+    ds_config["train_micro_batch_size_per_gpu"] = t.per_device_train_batch_size
+    ds_config["gradient_accumulation_steps"] = 1
+    if ds_config.get("gradient_clipping", "auto") == "auto":
+        ds_config["gradient_clipping"] = float(t.max_grad_norm or 0.0)
+
+
 class Run:
     """One training run: builds everything from a RunConfig; ``fit()`` trains and writes the outputs."""
 
@@ -209,6 +229,8 @@ class Run:
         )
         acc = self.accelerator
         resolve_batch_sizes(t, acc.num_processes)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            configure_deepspeed(acc.state.deepspeed_plugin.deepspeed_config, t)
         self.resume_path = None
         if t.resume_from_checkpoint:
             self.resume_path = ckpt.resolve_resume_path(t.resume_from_checkpoint, t.output_dir, t.hub_token)

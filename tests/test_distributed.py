@@ -321,3 +321,31 @@ def test_fsdp_config_on_cpu_wraps_vit_layers_but_accelerate_runs_ddp(tmp_path):
         assert result["wrapped"] == [f"vit.layers.{i}" for i in range(result["num_hidden_layers"])]
         assert result["classifier_rows_here"] * 2 == result["classifier_rows"]  # each rank holds half
         assert result["max_abs_diff_vs_unsharded"] < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------- DeepSpeed
+def test_deepspeed_config_gets_what_the_loop_cannot_hand_accelerate():
+    """DeepSpeed is not installed here (docs/scaling.md says what was and was not run). What can be checked: the
+    shipped ZeRO-2 config, as accelerate loads it, gets the micro-batch, no accumulation and the run's clipping — the
+    "auto" values accelerate cannot fill without a dataloader — and accumulation is refused with a one-line error."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from hf_vit.config import parse_config, resolve_batch_sizes
+    from hf_vit.errors import UserError
+    from hf_vit.trainer import configure_deepspeed
+
+    plugin = DeepSpeedPlugin(hf_ds_config=str(REPO / "accelerate_configs" / "deepspeed_zero2.json"))
+    assert plugin.is_auto("train_micro_batch_size_per_gpu")  # what made accelerate.prepare raise before
+    cfg = parse_config([*TINY_ARGS, "--max_grad_norm", "0.5"])
+    resolve_batch_sizes(cfg.train, 8)  # the global batch of 32 over 8 GPUs
+    configure_deepspeed(plugin.deepspeed_config, cfg.train)
+    assert not plugin.is_auto("train_micro_batch_size_per_gpu")
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
+    assert plugin.deepspeed_config["gradient_accumulation_steps"] == 1
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == 2
+
+    cfg = parse_config([*TINY_ARGS, "--gradient_accumulation_steps", "2"])
+    resolve_batch_sizes(cfg.train, 8)
+    with pytest.raises(UserError, match="gradient_accumulation_steps=2 cannot be used under DeepSpeed"):
+        configure_deepspeed({}, cfg.train)
