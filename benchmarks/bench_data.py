@@ -12,6 +12,9 @@ reported.
   JSON says whether the optional C extension (decode only what the crop needs) was built and used. Normalisation happens batched on the
   accelerator in training, so it is not part of this figure; ``pipeline_cpu_normalize`` adds it on the CPU for a
   machine without one.
+* ``worker_with_decode_on_device``: what a loader worker still does per image with ``decode_on_device: true``
+  (:class:`hf_vit.device_jpeg.JpegPlanCollate`: read the bytes, parse the header, draw the crop and flip) — the
+  images per second one core can feed when the accelerator decodes (ImageNet-style cases only).
 * ``reference``: the usual per-sample path: PIL decode -> torchvision ``RandomResizedCrop`` (or pad-and-crop for CIFAR)
   -> horizontal flip -> ``ToTensor`` -> ``Normalize`` in float, then ``default_collate`` into a batch.
 * ``decode``: bare full-size JPEG decode to RGB (PIL), the floor the reference path cannot beat; ``decode_simplejpeg``
@@ -95,6 +98,21 @@ def pipeline_fn(spec: ImageSpec, args: DataArguments, image_col: str, normalize_
         out = collate(batch)
         assert not out["bad_keys"], out["bad_keys"]
         return normalize(out["pixel_values"], mean, std) if normalize_on_cpu else out["pixel_values"]
+
+    return run
+
+
+def plan_fn(spec: ImageSpec, args: DataArguments, image_col: str):
+    """The loader worker's share under ``decode_on_device``: read the bytes, draw the crop and flip; no decoding."""
+    from hf_vit.device_jpeg import JpegPlanCollate
+
+    collate = JpegPlanCollate(train_transform(spec, args), image_col, "label", 1000, seed=0)
+
+    def run(batch: list[dict], epoch: int):
+        collate.epoch = epoch
+        out = collate(batch)
+        assert not out["bad_keys"] and len(out["jpeg_data"]) == len(batch), out["bad_keys"]
+        return out
 
     return run
 
@@ -199,6 +217,8 @@ def bench_dataset(name: str, path: str, cases: dict[str, ImageSpec], limit: int 
         fns[f"{case}/pipeline"] = pipeline_fn(spec, args, image_col)
         fns[f"{case}/pipeline_cpu_normalize"] = pipeline_fn(spec, args, image_col, normalize_on_cpu=True)
         fns[f"{case}/reference"] = reference_fn(spec, image_col)
+        if spec.crop_padding is None:
+            fns[f"{case}/worker_with_decode_on_device"] = plan_fn(spec, args, image_col)
     rates = timed(fns, examples, repeats)
     results = {"examples": len(examples), **{k: rates[k] for k in ("decode", "decode_simplejpeg", "decode_1_8")
                                               if k in rates}}
@@ -209,6 +229,10 @@ def bench_dataset(name: str, path: str, cases: dict[str, ImageSpec], limit: int 
     for case in cases:
         row = {kind: rates[f"{case}/{kind}"] for kind in ("pipeline", "pipeline_cpu_normalize", "reference")}
         row["speedup"] = round(row["pipeline"]["best"] / row["reference"]["best"], 2)
+        if f"{case}/worker_with_decode_on_device" in rates:
+            row["worker_with_decode_on_device"] = rates[f"{case}/worker_with_decode_on_device"]
+            print(f"{name} {case}: a loader worker with decode_on_device (bytes + crop plan, no decoding) "
+                  f"{row['worker_with_decode_on_device']['best']} img/s/core", flush=True)
         if spec.crop_padding is None:
             row["reduced_size_decodes"] = round(
                 reduced_decode_fraction(examples, image_col, spec, DataArguments()), 4)

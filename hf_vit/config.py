@@ -104,6 +104,12 @@ class DataArguments:
                           "there, without loader workers (map-style data that fits in memory, pad-and-crop training; "
                           "see hf_vit/device_data.py). Eval keeps the loader."},
     )
+    decode_on_device: bool = field(
+        default=False,
+        metadata={"help": "Decode training JPEGs on the accelerator (nvJPEG through torchvision.io.decode_jpeg) "
+                          "instead of in the loader workers, which then only read bytes and draw the crops "
+                          "(random-resized-crop training; see hf_vit/device_jpeg.py). Eval keeps the loader."},
+    )
     max_bad_sample_fraction: float = field(
         default=0.01, metadata={"help": "Stop when more than this fraction of seen training images is unusable."}
     )
@@ -324,6 +330,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("dataloader_num_workers must be >= 0")
     if not cfg.model.model_preset and not cfg.model.model_name_or_path:
         raise UserError("give a model_preset or a model_name_or_path")
+    if d.decode_on_device and (d.crop_padding is not None or d.data_on_device):
+        raise UserError("decode_on_device applies to random-resized-crop (ImageNet-style) training; drop it, or drop "
+                        "--crop_padding/--data_on_device (CIFAR-style data is best served by data_on_device)")
     if cfg.model.trust_remote_code:
         # Refused rather than ignored: a flag that silently does nothing would let a user believe some code ran.
         raise UserError("trust_remote_code=true is not supported: the model is transformers' own "

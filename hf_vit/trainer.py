@@ -34,6 +34,7 @@ from .config import RunConfig, resolve_batch_sizes, save_config, validate
 from .data import (DecodeCollate, ExampleStream, ImageSpec, batch_mixer, build_image_processor, build_loader,
                    eval_transform, load_splits, normalize, train_transform)
 from .device_data import build_device_train_data
+from .device_jpeg import DeviceJpegDecoder, JpegPlanCollate
 from .errors import UserError
 from .models import build_model, num_parameters, training_flops_per_image
 from .optim import EMA, build_optimizer, build_scheduler, classification_loss
@@ -256,6 +257,7 @@ class Run:
 
         workers = d.dataloader_num_workers
         pin = acc.device.type == "cuda"
+        self.device_decoder = None
         if d.data_on_device:
             # The decoded train split lives on the device and serves augmented batches itself: it stands in for the
             # stream, the collate (whose epoch the loop sets) and the loader, with one consumer per process.
@@ -267,8 +269,14 @@ class Run:
                                               acc.num_processes, workers, t.seed, shuffle=True,
                                               shuffle_buffer_size=d.shuffle_buffer_size,
                                               num_examples=self.data.num_train_examples)
-            self.train_collate = DecodeCollate(train_transform(self.spec, d), self.data.image_column,
-                                               self.data.label_column, len(self.label_names), t.seed, train=True)
+            transform = train_transform(self.spec, d)
+            if d.decode_on_device:  # workers hand over JPEG bytes and crop plans; train_step decodes on the device
+                self.train_collate = JpegPlanCollate(transform, self.data.image_column, self.data.label_column,
+                                                     len(self.label_names), t.seed)
+                self.device_decoder = DeviceJpegDecoder(transform, acc.device)
+            else:
+                self.train_collate = DecodeCollate(transform, self.data.image_column, self.data.label_column,
+                                                   len(self.label_names), t.seed, train=True)
             self.train_loader = build_loader(self.train_stream, self.train_collate, workers, pin)
         micro = self.train_stream.micro_batches_per_epoch(self.data.num_train_examples)
         self.steps_per_epoch = micro // t.gradient_accumulation_steps
@@ -427,6 +435,8 @@ class Run:
         totals = torch.zeros(5, device=acc.device)  # loss sum, examples, bad, non-finite, stop
         for micro in range(accum):
             batch = next(batches)
+            if self.device_decoder is not None:
+                batch = self.device_decoder(batch)  # decode_on_device: the JPEGs are decoded and cropped here
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model)
             with sync:
