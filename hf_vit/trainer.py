@@ -212,6 +212,24 @@ def configure_deepspeed(ds_config: dict, t) -> None:
         ds_config["gradient_clipping"] = float(t.max_grad_norm or 0.0)
 
 
+# Processes up to which streaming's read-everything sharding keeps up with ViT-B/16 on H200-class GPUs (computed in
+# docs/scaling.md, "Streaming: read amplification").
+STREAMING_PROCESSES_THAT_KEEP_UP = 4
+
+
+def streaming_note(processes: int, workers: int) -> tuple[int, str]:
+    """(log level, message) on what streaming's exact sharding costs at this scale: a warning past the process count
+    at which walking the whole stream per consumer outlasts the epoch (docs/scaling.md)."""
+    consumers = processes * max(1, workers)
+    note = (f"Streaming: each of the {consumers} consumers ({processes} processes x {max(1, workers)} loader workers) "
+            f"reads every record of the stream and keeps 1/{consumers} of them (the exact sharding rule)")
+    if processes <= STREAMING_PROCESSES_THAT_KEEP_UP:
+        return logging.INFO, note
+    return logging.WARNING, (f"{note}; past ~{STREAMING_PROCESSES_THAT_KEEP_UP} GPUs the walk outlasts the epoch and "
+                             "starves them: copy the dataset to local or shared storage and train map-style "
+                             "(streaming: false), see docs/scaling.md")
+
+
 class Run:
     """One training run: builds everything from a RunConfig; ``fit()`` trains and writes the outputs."""
 
@@ -339,6 +357,8 @@ class Run:
         logger.info("Batch: %d global = %d per device x %d processes x %d accumulation; %d steps/epoch, %d steps, "
                     "%d warmup", t.total_train_batch_size, t.per_device_train_batch_size, acc.num_processes,
                     t.gradient_accumulation_steps, self.steps_per_epoch, self.total_steps, self.warmup_steps)
+        if self.cfg.data.streaming and not self.cfg.data.data_on_device:
+            logger.log(*streaming_note(acc.num_processes, self.cfg.data.dataloader_num_workers))
 
     def save_checkpoint(self) -> None:
         acc, s = self.accelerator, self.state

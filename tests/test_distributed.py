@@ -349,3 +349,14 @@ def test_deepspeed_config_gets_what_the_loop_cannot_hand_accelerate():
     resolve_batch_sizes(cfg.train, 8)
     with pytest.raises(UserError, match="gradient_accumulation_steps=2 cannot be used under DeepSpeed"):
         configure_deepspeed({}, cfg.train)
+
+
+def test_streaming_says_what_its_sharding_reads_and_warns_past_four_gpus():
+    import logging
+
+    from hf_vit.trainer import streaming_note
+
+    level, message = streaming_note(2, 2)
+    assert level == logging.INFO and "each of the 4 consumers (2 processes x 2 loader workers)" in message
+    level, message = streaming_note(8, 16)
+    assert level == logging.WARNING and "each of the 128 consumers" in message and "streaming: false" in message
