@@ -31,7 +31,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import datasets
@@ -53,9 +52,6 @@ ENHANCED_CHUNK = 32
 # Refuse to hold more than this fraction of the free memory of the device (or of RAM, on CPU).
 MAX_MEMORY_FRACTION = 0.5
 _DECODE_CHUNK = 1024
-# torchvision 0.29 announces (on every call) that its decoders will move to TorchCodec; the pinned version has them.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-                        category=DeprecationWarning)
 
 
 def _to_uint8_tensor(img) -> torch.Tensor:

@@ -18,7 +18,6 @@ device (bytes that nvJPEG cannot decode) are dropped from the batch and reported
 from __future__ import annotations
 
 import io
-import warnings
 
 import PIL.Image
 import torch
@@ -28,9 +27,6 @@ from torchvision.transforms import v2
 
 from .data import DecodeCollate, RandomResizedCropDecode, _augmentation_seed, _encoded_jpeg, example_key
 
-# torchvision 0.29 announces (on every call) that its decoders will move to TorchCodec; the pinned version has them.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-                        category=DeprecationWarning)
 
 
 def split_train_transform(transform: v2.Compose) -> tuple[RandomResizedCropDecode, v2.RandomHorizontalFlip, list]:
