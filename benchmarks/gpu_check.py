@@ -8,6 +8,10 @@
     per epoch (train and eval apart) and validation accuracy per epoch, and the 200 epochs projected from them (the
     training time is cut when needed to keep the whole check within 9 minutes). The
     run is stopped through the trainer's own preemption path (flag set -> finish the step, save, return).
+(c) With ``--imagenet_dir`` (e.g. a copy of ../shared/datasets/imagenet-sample): ``decode_on_device`` on the ImageNet
+    photos — images/s of the GPU's share (nvJPEG batched decode, crop, antialiased resize and flip to 224 px, basic and
+    enhanced augmentation), next to the loader worker's share per CPU core, so that how many cores one GPU needs can
+    be read off. Skipped, and said, without the folder.
 
 Results go to ``benchmarks/results/gpu_check_<date>.json`` (after each part, so a time-out keeps what was measured)
 and a short table is printed. ``--dry-run`` runs the same code on the CPU with a tiny model, a CIFAR slice and a few
@@ -38,6 +42,7 @@ SMALL_RECIPE = REPO / "recipes" / "cifar10_vit_small_scratch.yaml"
 HARD_LIMIT_SECONDS = 540  # gpu_check.sh's timeout: 9 minutes
 B_OVERHEAD_SECONDS = 45  # (b) outside its training time: load, decode, build, the last eval, saving
 COMPILE_RESERVE_SECONDS = 150  # (a) compiled: compiling ViT-B/16 forward and backward, then timing it
+C_RESERVE_SECONDS = 40  # (c): loading 1,000 photos, planning and decoding them twice
 TINY_MODEL = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "2",
               "--intermediate_size", "128"]
 
@@ -47,7 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("cifar_dir", help="CIFAR-10 parquet folder (Hub layout, e.g. a copy of uoft-cs/cifar10)")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true",
                         help="CPU, tiny model, a CIFAR slice, a few steps: checks the script itself")
-    parser.add_argument("--parts", default="a,b", help="which parts to run: a, b or a,b")
+    parser.add_argument("--parts", default="a,b,c", help="which parts to run, comma-separated: a, b, c")
+    parser.add_argument("--imagenet_dir", default=None,
+                        help="ImageNet-style parquet folder for part (c) (e.g. a copy of ../shared/datasets/imagenet-sample)")
     parser.add_argument("--train_seconds", type=float, default=None,
                         help="training time of part (b) (default 300; 10 with --dry-run)")
     parser.add_argument("--vit_b_batch_size", type=int, default=256, help="batch of part (a)")
@@ -95,6 +102,49 @@ def part_a(args, compiled: bool, log) -> dict:
         out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- part (c)
+def part_c(args, log) -> dict:
+    """decode_on_device's two shares on the ImageNet photos: the worker's (bytes + crop plan, per CPU core) and the
+    device's (batched decode, crop, resize, flip; plus TrivialAugmentWide and RandomErasing when enhanced)."""
+    import datasets
+    import torch
+
+    from hf_vit.config import DataArguments
+    from hf_vit.data import ImageSpec, build_image_processor, train_transform
+    from hf_vit.device_jpeg import DeviceJpegDecoder, JpegPlanCollate
+
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    ds = datasets.load_dataset(args.imagenet_dir, split="train")
+    image_col = "image" if "image" in ds.column_names else "img"
+    ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    if args.dry_run:
+        ds = ds.select(range(min(64, len(ds))))
+    examples = [dict(row) for row in ds]
+    batch, out = 32 if args.dry_run else 256, {"images": len(examples), "device": str(device)}
+    spec = ImageSpec.from_processor(build_image_processor(224, None))
+    for augmentation in ("basic", "enhanced"):
+        transform = train_transform(spec, DataArguments(augmentation=augmentation))
+        collate = JpegPlanCollate(transform, image_col, "label", 1000, seed=0)
+        decoder = DeviceJpegDecoder(transform, device)
+        start = time.process_time()
+        plans = [collate(examples[i:i + batch]) for i in range(0, len(examples), batch)]
+        worker = len(examples) / (time.process_time() - start)
+        decoder(plans[0])  # warm-up: CUDA context, nvJPEG handles, kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for plan in plans:
+            decoded = decoder(plan)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rate = len(examples) / (time.perf_counter() - start)
+        assert decoded["pixel_values"].shape[1:] == (3, 224, 224)
+        out[augmentation] = {"worker_images_per_sec_per_core": round(worker, 1),
+                             "device_images_per_sec": round(rate, 1)}
+        log(f"(c) {augmentation}: worker {worker:.0f} img/s per core, device {rate:.0f} img/s")
     return out
 
 
@@ -202,6 +252,14 @@ def table(result: dict) -> str:
             lines.append(f"  (b) median {b['median_epoch_seconds']:.2f} s/epoch -> {b['num_train_epochs']:g} epochs in "
                          f"{b['projected_seconds_for_num_train_epochs'] / 60:.1f} min "
                          f"({b['train_images_per_sec']:.0f} train img/s)")
+    c = result.get("c")
+    if c and "error" in c:
+        lines.append(f"  (c) error: {c['error'][:200]}")
+    elif c:
+        for augmentation in ("basic", "enhanced"):
+            r = c[augmentation]
+            lines.append(f"  (c) decode_on_device {augmentation:8s} device {r['device_images_per_sec']:8.0f} img/s, "
+                         f"worker {r['worker_images_per_sec_per_core']:8.0f} img/s per core")
     return "\n".join(lines)
 
 
@@ -227,8 +285,11 @@ def main(argv=None) -> dict:
         raise UserError(f"CIFAR-10 folder {args.cifar_dir!r} does not exist; pass the parquet folder "
                         "(e.g. a copy of ../shared/datasets/cifar10)")
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts or parts - {"a", "b"}:
-        raise UserError(f"--parts {args.parts!r}: choose a, b or a,b")
+    if not parts or parts - {"a", "b", "c"}:
+        raise UserError(f"--parts {args.parts!r}: choose from a, b, c (comma-separated)")
+    if args.imagenet_dir is not None and not os.path.isdir(args.imagenet_dir):
+        raise UserError(f"ImageNet folder {args.imagenet_dir!r} does not exist; pass the parquet folder "
+                        "(e.g. a copy of ../shared/datasets/imagenet-sample) or leave --imagenet_dir out")
     if args.train_seconds is None:
         args.train_seconds = 10.0 if args.dry_run else 300.0
     import torch
@@ -267,7 +328,8 @@ def main(argv=None) -> dict:
     if "b" in parts:
         if not args.dry_run:
             left = HARD_LIMIT_SECONDS - (time.perf_counter() - started) - B_OVERHEAD_SECONDS \
-                - (COMPILE_RESERVE_SECONDS if "a" in parts else 0)
+                - (COMPILE_RESERVE_SECONDS if "a" in parts else 0) \
+                - (C_RESERVE_SECONDS if "c" in parts and args.imagenet_dir else 0)
             if left < args.train_seconds:
                 log(f"(b) training time cut from {args.train_seconds:.0f} s to {left:.0f} s to stay within "
                     f"{HARD_LIMIT_SECONDS} s")
@@ -281,6 +343,16 @@ def main(argv=None) -> dict:
                 result["b"] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
                 log(f"(b) failed: {result['b']['error']}")
         save()
+    if "c" in parts:
+        if args.imagenet_dir is None:
+            log("(c) skipped: no --imagenet_dir")
+        else:
+            try:
+                result["c"] = part_c(args, log)
+            except Exception as err:  # keep the other measurements; the error is part of the record
+                result["c"] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+                log(f"(c) failed: {result['c']['error']}")
+            save()
     if "a" in parts:
         result["a"]["compiled"] = part_a(args, compiled=True, log=log)
         save()

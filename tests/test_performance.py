@@ -270,8 +270,26 @@ def test_gpu_check_training_part_dry_run(cifar10_path, tmp_path):
     assert all(e["seconds"] > 0 and 0 <= e["eval_accuracy"] <= 1 for e in result["b"]["epochs"])
 
 
-def test_gpu_check_rejects_a_missing_dataset_folder(tmp_path):
-    proc = _gpu_check([str(tmp_path / "nowhere"), "--dry-run"], timeout=120)
+def test_gpu_check_decode_on_device_part_dry_run(cifar10_path, imagenet_sample_path, tmp_path):
+    """Part (c), decode_on_device on the ImageNet photos, on the CPU."""
+    proc = _gpu_check([str(cifar10_path), "--dry-run", "--parts", "c", "--imagenet_dir", str(imagenet_sample_path),
+                       "--results_dir", str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("gpu_check_dry_run_*.json")
+    result = json.loads(path.read_text())
+    assert result["c"]["device"] == "cpu" and result["c"]["images"] == 64
+    for augmentation in ("basic", "enhanced"):
+        assert result["c"][augmentation]["device_images_per_sec"] > 0
+        assert result["c"][augmentation]["worker_images_per_sec_per_core"] > 0
+    assert "(c) decode_on_device basic" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["{nowhere}", "--dry-run"],
+                                  ["{cifar}", "--dry-run", "--parts", "c", "--imagenet_dir", "{nowhere}"],
+                                  ["{cifar}", "--dry-run", "--parts", "a,d"]])
+def test_gpu_check_rejects_a_missing_dataset_folder_or_part(args, cifar10_path, tmp_path):
+    args = [a.format(nowhere=tmp_path / "nowhere", cifar=cifar10_path) for a in args]
+    proc = _gpu_check(args, timeout=120)
     assert proc.returncode == 2 and "error:" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
