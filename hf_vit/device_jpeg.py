@@ -11,8 +11,9 @@ train transform, its RNG re-seeded from the same per-example seed. Everything th
 
 On a CPU "device" (no accelerator) the decoder is libjpeg-turbo, the crop and resize are the same kernels, and the RNG
 draws are the same: the batches are bit-identical to the CPU path (tested). On CUDA, nvJPEG's IDCT and chroma
-upsampling differ from libjpeg-turbo's by a level or two per pixel; nothing else changes. Unusable images found on the
-device (bytes that nvJPEG cannot decode) are dropped from the batch and reported in ``bad_keys``, like the loader does.
+upsampling differ from libjpeg-turbo's by a level or two per pixel; nothing else changes. A JPEG that the device's
+decoder refuses is decoded on the CPU instead (libjpeg-turbo takes variants nvJPEG may not); one that neither decodes
+is dropped from the batch and reported in ``bad_keys``, as the loader does.
 """
 
 from __future__ import annotations
@@ -107,14 +108,18 @@ class DeviceJpegDecoder:
     def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
         try:  # one call for the whole micro-batch: nvJPEG's batched decode on CUDA
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:  # some image is bad: find which, one at a time
-            out = []
-            for d in data:
-                try:
-                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    out.append(None)
-            return out
+        except RuntimeError:  # some image is bad, or one the device's decoder does not take: one at a time
+            return [self._decode_one(d) for d in data]
+
+    def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
+        """One JPEG on the device, else on the CPU (libjpeg-turbo takes JPEG variants nvJPEG may refuse), else None:
+        only an image that neither decoder can decode counts as bad."""
+        for device in dict.fromkeys([self.device, torch.device("cpu")]):
+            try:
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=device).to(self.device)
+            except RuntimeError:
+                continue
+        return None
 
     def _finish(self, image: torch.Tensor, box: list[int], flip: bool, seed: int) -> torch.Tensor:
         top, left, h, w = box

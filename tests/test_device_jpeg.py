@@ -84,6 +84,30 @@ def test_decoding_on_a_cpu_device_gives_the_loader_paths_batches_bit_for_bit(aug
         assert plan["num_examples"] == want["num_examples"] == len(examples)
 
 
+def test_images_the_device_decoder_refuses_are_decoded_on_the_cpu_and_only_undecodable_ones_are_bad(
+        imagenet_sample_path, monkeypatch):
+    """nvJPEG does not take every JPEG libjpeg-turbo takes: such images must not be counted as bad. A stand-in device
+    ("cpu:0") whose decoder refuses everything: the batch comes out the same, via the CPU decoder."""
+    import hf_vit.device_jpeg as device_jpeg
+
+    real = device_jpeg.decode_jpeg
+
+    def refusing_device(data, mode, device):
+        if torch.device(device) == torch.device("cpu", 0):
+            raise RuntimeError("this decoder does not take that JPEG")
+        return real(data, mode=mode, device=device)
+
+    spec = ImageSpec.from_processor(build_image_processor(64, None))
+    transform = train_transform(spec, DataArguments())
+    plan = JpegPlanCollate(transform, "image", "label", 1000, seed=7)(_examples(imagenet_sample_path, n=8))
+    expected = DeviceJpegDecoder(transform, torch.device("cpu"))(plan)
+    monkeypatch.setattr(device_jpeg, "decode_jpeg", refusing_device)
+    got = DeviceJpegDecoder(transform, torch.device("cpu", 0))(plan)
+    assert torch.equal(got["pixel_values"], expected["pixel_values"]) and got["keys"] == expected["keys"]
+    assert [b.split(" ")[0] for b in got["bad_keys"]] == [b.split(" ")[0] for b in expected["bad_keys"]]
+    assert "huffman.jpg" in " ".join(got["bad_keys"])
+
+
 def test_decode_on_device_is_refused_for_pad_and_crop_training():
     from hf_vit.config import parse_config, validate
     from hf_vit.errors import UserError
