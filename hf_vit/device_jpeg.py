@@ -29,7 +29,6 @@ from torchvision.transforms import v2
 from .data import DecodeCollate, RandomResizedCropDecode, _augmentation_seed, _encoded_jpeg, example_key
 
 
-
 def split_train_transform(transform: v2.Compose) -> tuple[RandomResizedCropDecode, v2.RandomHorizontalFlip, list]:
     """The ImageNet-style train transform (``data.train_transform``) as (crop, flip, the ops after them)."""
     crop, flip, *rest = transform.transforms
@@ -57,13 +56,13 @@ class JpegPlanCollate(DecodeCollate):
         image = example.get(self.image_column)
         if not isinstance(image, dict) or (image.get("bytes") is None and not image.get("path")):
             return None
-        label = int(example[self.label_column])
+        try:
+            label = int(example[self.label_column])
+            img = PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"])
+        except Exception:  # noqa: BLE001 - a missing label or an unreadable header: the CPU path reports it
+            return None
         if not 0 <= label < self.num_classes:
             return None  # DecodeCollate reports it
-        try:
-            img = PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"])
-        except Exception:  # noqa: BLE001 - undecodable header: the CPU path classifies and reports it
-            return None
         data = _encoded_jpeg(img)
         if data is None or not data.endswith(b"\xff\xd9") or not img.width or not img.height:
             return None

@@ -48,7 +48,7 @@ def _examples(imagenet_sample_path, n: int = 24) -> list[dict]:
     good = _jpeg(photo)
     odd = [("cmyk.jpg", _jpeg(photo, "CMYK"), 1), ("grey.jpg", _jpeg(photo, "L"), 2), ("photo.png", png.getvalue(), 3),
            ("truncated.jpg", good[: len(good) * 2 // 3], 4), ("label.jpg", good, 5000),
-           ("huffman.jpg", _bogus_huffman_table(good), 6)]
+           ("huffman.jpg", _bogus_huffman_table(good), 6), ("nolabel.jpg", good, None)]
     return rows + [{"image": {"bytes": b, "path": p}, "label": y} for p, b, y in odd]
 
 
@@ -68,7 +68,7 @@ def test_decoding_on_a_cpu_device_gives_the_loader_paths_batches_bit_for_bit(aug
         want = reference(examples)
         plan = planned(examples)
         # The 24 photos, the grey JPEG and the one with the bad Huffman table (its header is fine) go to the device;
-        # CMYK, PNG, the truncated file (no end-of-image marker) and the bad label take the worker path.
+        # CMYK, PNG, the truncated file (no end-of-image marker) and the bad or missing labels take the worker path.
         assert len(plan["jpeg_data"]) == 26
         got = DeviceJpegDecoder(transform, torch.device("cpu"))(plan)
         by_key = dict(zip(want["keys"], want["pixel_values"]))
@@ -80,7 +80,7 @@ def test_decoding_on_a_cpu_device_gives_the_loader_paths_batches_bit_for_bit(aug
         # Bad examples are reported by key on both paths: the label and the truncated file by the worker, the
         # undecodable Huffman table by the worker (PIL) on one path and by the device decoder on the other.
         assert sorted(b.split(" ")[0] for b in got["bad_keys"]) == sorted(b.split(" ")[0] for b in want["bad_keys"]) \
-            == ["huffman.jpg", "label.jpg", "truncated.jpg"]
+            == ["huffman.jpg", "label.jpg", "nolabel.jpg", "truncated.jpg"]
         assert plan["num_examples"] == want["num_examples"] == len(examples)
 
 
