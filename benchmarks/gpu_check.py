@@ -54,7 +54,8 @@ def parse_args(argv=None):
                         help="CPU, tiny model, a CIFAR slice, a few steps: checks the script itself")
     parser.add_argument("--parts", default="a,b,c", help="which parts to run, comma-separated: a, b, c")
     parser.add_argument("--imagenet_dir", default=None,
-                        help="ImageNet-style parquet folder for part (c) (e.g. a copy of ../shared/datasets/imagenet-sample)")
+                        help="ImageNet-style parquet folder for part (c), e.g. a copy of "
+                             "../shared/datasets/imagenet-sample")
     parser.add_argument("--train_seconds", type=float, default=None,
                         help="training time of part (b) (default 300; 10 with --dry-run)")
     parser.add_argument("--vit_b_batch_size", type=int, default=256, help="batch of part (a)")

@@ -49,7 +49,8 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Accepted for the HF examples' command lines, but must stay off: nothing here runs a "
-                          "repository's code (the model is transformers' own ViT, datasets are parquet or image files)."},
+                          "repository's code (the model is transformers' own ViT, datasets are parquet or image "
+                          "files)."},
     )
 
 

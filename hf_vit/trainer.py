@@ -196,9 +196,9 @@ def configure_deepspeed(ds_config: dict, t) -> None:
     """Fill in what DeepSpeed cannot learn from this loop (in place; docs/scaling.md, "DeepSpeed ZeRO-2").
 
     The loop hands accelerate no dataloader (it shards batches itself), so the micro-batch cannot stay "auto"; the
-    engine steps inside ``accelerator.backward`` on every micro-batch, so the loop's own accumulation (``no_sync`` on all
-    but the last micro-batch) would step it K times per step: the global batch must come from processes x per-device
-    batch alone; and clipping is the engine's, so it gets ``max_grad_norm`` (0 turns it off in DeepSpeed).
+    engine steps inside ``accelerator.backward`` on every micro-batch, so the loop's own accumulation (``no_sync`` on
+    all but the last micro-batch) would step it K times per step: the global batch must come from processes x
+    per-device batch alone; and clipping is the engine's, so it gets ``max_grad_norm`` (0 turns it off in DeepSpeed).
     """
     if t.gradient_accumulation_steps != 1:
         raise UserError(
