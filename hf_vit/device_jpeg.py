@@ -1,13 +1,13 @@
 """JPEG decoding on the accelerator for ImageNet-style training (``decode_on_device: true``).
 
-On a GPU machine the loader cores can bound ViT-B/16 training on ImageNet: the target of about 3,400 images/s per
-H200 takes 3.3 cores per GPU decoding and cropping at ~1,030 images/s each, 5.3 with enhanced augmentation (measured
-on a 2-core EPYC, docs/scaling.md) — more than many GPU nodes have to spare. With this option the workers no longer
-decode plain JPEGs: they read the bytes, draw the example's random-resized-crop box and flip from its header size (the same draws,
-from the same per-example seed, as the CPU path), and hand over the bytes with that plan. On the device a whole
+On a GPU machine the loader cores can bound ViT-B/16 training on ImageNet: the target of about 3,400 images/s per H200
+takes 3.3 cores per GPU decoding and cropping at ~1,030 images/s each, 5.3 with enhanced augmentation (measured on a
+2-core EPYC, docs/scaling.md) — more than many GPU nodes have to spare. With this option the workers no longer decode
+plain JPEGs: they read the bytes, draw the example's random-resized-crop box and flip from its header size (the same
+draws, from the same per-example seed, as the CPU path), and hand over the bytes with that plan. On the device a whole
 micro-batch is decoded in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA), then each image
-is cropped, resized with antialiasing, flipped and — with ``augmentation: enhanced`` — augmented with the rest of
-the train transform, its RNG re-seeded from the same per-example seed. Everything that is not a plain RGB or grey JPEG
+is cropped, resized with antialiasing, flipped and — with ``augmentation: enhanced`` — augmented with the rest of the
+train transform, its RNG re-seeded from the same per-example seed. Everything that is not a plain RGB or grey JPEG
 (PNG, CMYK, a file without its end-of-image marker) still takes the CPU path in the worker, as do all eval images.
 
 On a CPU "device" (no accelerator) the decoder is libjpeg-turbo, the crop and resize are the same kernels, and the RNG
