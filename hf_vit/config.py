@@ -79,6 +79,15 @@ class DataArguments:
         metadata={"help": "Examples per epoch when streaming metadata does not say (used for the LR schedule)."},
     )
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer for streaming datasets."})
+    stream_sharding: Literal["exact", "shards"] = field(
+        default="exact",
+        metadata={"help": "How a stream is split over the C = processes x loader workers consumers. 'exact': every "
+                          "consumer reads the whole stream and keeps its blocks (every example exactly once per "
+                          "epoch, the same batches for any process count; reads grow with C). 'shards': each consumer "
+                          "reads only its own share of the stream's shards, redrawn every epoch (each record read "
+                          "once; needs >= C shards; examples past what the smallest share holds sit the epoch out). "
+                          "See docs/scaling.md."},
+    )
     train_fraction: float = field(
         default=1.0, metadata={"help": "Keep this deterministic pseudo-random fraction of the training set."}
     )

@@ -10,6 +10,11 @@ Design (why it is built this way):
   round: no DDP hang), and the last incomplete round (< C x per_device_batch examples) is dropped — that is the
   last-batch policy (evaluation, ``drop_incomplete_round=False``, keeps it). Streaming, every consumer walks the whole
   (undecoded) stream and keeps its blocks: C reads of the bytes, no decoding of what it does not keep.
+* **Or, streaming at scale, whole shards per consumer** (``stream_sharding: shards``). Each epoch the stream's shards
+  (parquet files) are dealt out by a seeded permutation, every consumer reads only its own, shuffled, and all run the
+  rounds that the smallest share holds (``floor(S / C)`` of S equal shards): each record is read once, every rank still
+  runs the same number of micro-batches, no example comes twice, and the examples past the smallest share sit that
+  epoch out (a different set each epoch). Batches then depend on the process count.
 * **Accelerate does not shard the loader.** The train loader never goes through ``accelerator.prepare``, and the
   Accelerator is built with ``dispatch_batches=False``. For an iterable dataset accelerate would otherwise dispatch
   (one process reads every batch and sends slices to the others — a bottleneck, by default), split a
@@ -687,13 +692,21 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
     def __init__(self, ds, block_size: int, rank: int, world: int, num_workers: int, seed: int,
                  shuffle: bool = True, drop_incomplete_round: bool = True, shuffle_buffer_size: int = 10_000,
-                 num_examples: int | None = None):
+                 num_examples: int | None = None, sharding: str = "exact"):
         self.ds, self.block, self.rank, self.world = ds, block_size, rank, world
         self.num_workers, self.seed, self.shuffle = max(1, num_workers), seed, shuffle
         self.drop_incomplete = drop_incomplete_round
         self.buffer = shuffle_buffer_size
         self.num_examples = num_examples
         self.epoch, self.skip = 0, 0
+        # Whole shards per consumer applies to streams only: map-style consumers read only their own blocks anyway.
+        self.by_shards = sharding == "shards" and not isinstance(ds, datasets.Dataset)
+        if self.by_shards and ds.num_shards < self.consumers:
+            raise UserError(
+                f"stream_sharding shards: the stream has {ds.num_shards} shard(s), fewer than the {self.consumers} "
+                f"consumers ({world} processes x {self.num_workers} loader workers); lower dataloader_num_workers "
+                "or use stream_sharding exact"
+            )
 
     @property
     def consumers(self) -> int:
@@ -704,7 +717,14 @@ class ExampleStream(torch.utils.data.IterableDataset):
 
     def micro_batches_per_epoch(self, num_examples: int) -> int:
         """Micro-batches each rank runs per epoch of ``num_examples``: W blocks per complete round of C blocks."""
-        return (num_examples // (self.consumers * self.block)) * self.num_workers
+        return self._rounds(num_examples) * self.num_workers
+
+    def _rounds(self, num_examples: int) -> int:
+        if self.by_shards:
+            # What every consumer's share holds when the S shards are about equal: floor(S / C) of them.
+            shards = self.ds.num_shards
+            return num_examples * (shards // self.consumers) // shards // self.block
+        return num_examples // (self.consumers * self.block)
 
     def _role(self) -> tuple[int, int]:
         """(consumer index, rounds to skip) of this worker; on resume roles rotate so the loader's round-robin over
@@ -718,12 +738,13 @@ class ExampleStream(torch.utils.data.IterableDataset):
     def _planned_rounds(self) -> int | None:
         if self.num_examples is None or not self.drop_incomplete:
             return None
-        return self.num_examples // (self.consumers * self.block)
+        return self._rounds(self.num_examples)
 
     def __iter__(self):
         consumer, skip_rounds = self._role()
         planned = self._planned_rounds()
-        rows = self._iter_map_style if isinstance(self.ds, datasets.Dataset) else self._iter_stream
+        rows = self._iter_map_style if isinstance(self.ds, datasets.Dataset) else \
+            self._iter_own_shards if self.by_shards else self._iter_stream
         done = skip_rounds
         for r, block in rows(consumer, skip_rounds, planned):
             done = r + 1
@@ -775,6 +796,24 @@ class ExampleStream(torch.utils.data.IterableDataset):
                     yield r, [{k: v[i] for k, v in held.items()} for i in range(len(next(iter(held.values()))))]
                 held = None
         # A block still held here belongs to an incomplete last round: dropped (the last-batch policy).
+
+    def _iter_own_shards(self, consumer: int, skip_rounds: int, planned: int | None):
+        """(round, block) from this consumer's own shards only (``stream_sharding: shards``): a seeded permutation of
+        the shards per epoch, dealt round-robin over the consumers, each share shuffled with the buffer."""
+        shards = self.ds.num_shards
+        order = torch.randperm(shards, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)) \
+            if self.shuffle else torch.arange(shards)
+        mine = [self.ds.shard(num_shards=shards, index=int(i)) for i in order[consumer::self.consumers]]
+        ds = mine[0] if len(mine) == 1 else datasets.concatenate_datasets(mine)
+        if self.shuffle:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
+            ds.set_epoch(self.epoch)
+        for r, rows in enumerate(self._exact_blocks(ds)):
+            size = len(next(iter(rows.values())))
+            if (planned is not None and r >= planned) or (size < self.block and self.drop_incomplete):
+                break
+            if r >= skip_rounds:
+                yield r, [{k: v[i] for k, v in rows.items()} for i in range(size)]
 
     def _exact_blocks(self, ds):
         """Consecutive blocks of exactly ``block`` rows (the last one may be short), whatever batches datasets

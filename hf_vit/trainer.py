@@ -217,17 +217,24 @@ def configure_deepspeed(ds_config: dict, t) -> None:
 STREAMING_PROCESSES_THAT_KEEP_UP = 4
 
 
-def streaming_note(processes: int, workers: int) -> tuple[int, str]:
-    """(log level, message) on what streaming's exact sharding costs at this scale: a warning past the process count
-    at which walking the whole stream per consumer outlasts the epoch (docs/scaling.md)."""
+def streaming_note(processes: int, workers: int, sharding: str = "exact",
+                   shards: int | None = None) -> tuple[int, str]:
+    """(log level, message) on what the stream's sharding reads at this scale: with ``exact``, a warning past the
+    process count at which walking the whole stream per consumer outlasts the epoch (docs/scaling.md)."""
     consumers = processes * max(1, workers)
-    note = (f"Streaming: each of the {consumers} consumers ({processes} processes x {max(1, workers)} loader workers) "
-            f"reads every record of the stream and keeps 1/{consumers} of them (the exact sharding rule)")
+    split = f"{consumers} consumers ({processes} processes x {max(1, workers)} loader workers)"
+    if sharding == "shards":
+        share = (shards or 0) // consumers
+        return logging.INFO, (f"Streaming: {shards} shards dealt over {split}, {share} each per epoch; every record "
+                              f"is read once, and {consumers * share} of the {shards} shards are used per epoch "
+                              "(stream_sharding shards)")
+    note = f"Streaming: each of the {split} reads every record of the stream and keeps 1/{consumers} of them " \
+           "(the exact sharding rule)"
     if processes <= STREAMING_PROCESSES_THAT_KEEP_UP:
         return logging.INFO, note
     return logging.WARNING, (f"{note}; past ~{STREAMING_PROCESSES_THAT_KEEP_UP} GPUs the walk outlasts the epoch and "
-                             "starves them: copy the dataset to local or shared storage and train map-style "
-                             "(streaming: false), see docs/scaling.md")
+                             "starves them: use stream_sharding shards, or copy the dataset to local or shared "
+                             "storage and train map-style (streaming: false), see docs/scaling.md")
 
 
 class Run:
@@ -286,7 +293,7 @@ class Run:
             self.train_stream = ExampleStream(self.data.train, t.per_device_train_batch_size, acc.process_index,
                                               acc.num_processes, workers, t.seed, shuffle=True,
                                               shuffle_buffer_size=d.shuffle_buffer_size,
-                                              num_examples=self.data.num_train_examples)
+                                              num_examples=self.data.num_train_examples, sharding=d.stream_sharding)
             transform = train_transform(self.spec, d)
             if d.decode_on_device:  # workers hand over JPEG bytes and crop plans; train_step decodes on the device
                 self.train_collate = JpegPlanCollate(transform, self.data.image_column, self.data.label_column,
@@ -358,7 +365,8 @@ class Run:
                     "%d warmup", t.total_train_batch_size, t.per_device_train_batch_size, acc.num_processes,
                     t.gradient_accumulation_steps, self.steps_per_epoch, self.total_steps, self.warmup_steps)
         if self.cfg.data.streaming and not self.cfg.data.data_on_device:
-            logger.log(*streaming_note(acc.num_processes, self.cfg.data.dataloader_num_workers))
+            logger.log(*streaming_note(acc.num_processes, self.cfg.data.dataloader_num_workers,
+                                       self.cfg.data.stream_sharding, getattr(self.data.train, "num_shards", None)))
 
     def save_checkpoint(self) -> None:
         acc, s = self.accelerator, self.state

@@ -181,9 +181,9 @@ def _key_collate(examples):
     return [None if e is None else example_key(e["image"]) for e in examples]
 
 
-def _epoch(ds, rank, world, workers, block, epoch=0, skip=0, num_examples=None) -> list[list[str]]:
+def _epoch(ds, rank, world, workers, block, epoch=0, skip=0, num_examples=None, sharding="exact") -> list[list[str]]:
     """The micro-batches (lists of example keys) one rank's loader yields in an epoch."""
-    stream = ExampleStream(ds, block, rank, world, workers, seed=3, num_examples=num_examples)
+    stream = ExampleStream(ds, block, rank, world, workers, seed=3, num_examples=num_examples, sharding=sharding)
     stream.set_epoch(epoch, skip)
     loader = torch.utils.data.DataLoader(stream, batch_size=block, collate_fn=_key_collate, num_workers=workers)
     return list(loader)
@@ -219,6 +219,43 @@ def test_every_example_reaches_exactly_one_consumer_per_epoch(source, request):
             orders.append(seen)
     if len(orders) > 1:
         assert orders[0] != orders[1]  # a new order each epoch
+
+
+def test_stream_sharding_by_shards_reads_each_record_once_and_keeps_ranks_in_step(imagenet_sample_path):
+    """stream_sharding shards on the 4 parquet files of the ImageNet sample, 2 ranks x 2 loader workers: each
+    consumer reads one whole file per epoch (a different one each epoch), no example comes twice, every rank runs
+    the planned micro-batches, and a resumed epoch yields the rest of it."""
+    import pyarrow.parquet as pq
+
+    files = sorted((imagenet_sample_path / "data").glob("*.parquet"))
+    shard_of = {example_key(row): i for i, f in enumerate(files) for row in pq.read_table(f).column("image").to_pylist()}
+    splits = load_splits(DataArguments(dataset_name=str(imagenet_sample_path), streaming=True, train_val_split=0), 0)
+    n, world, workers, block = len(shard_of), 2, 2, 8
+    stream = ExampleStream(splits.train, block, 0, world, workers, seed=3, sharding="shards")
+    planned = stream.micro_batches_per_epoch(n)
+    assert planned == (n // 4 // block) * workers == 62  # one 250-example file per consumer: 31 blocks each
+    assignments = []
+    for epoch in (0, 1):
+        per_rank = [_epoch(splits.train, rank, world, workers, block, epoch, num_examples=n, sharding="shards")
+                    for rank in range(world)]
+        assert [len(batches) for batches in per_rank] == [planned] * world
+        seen = [k for batches in per_rank for batch in batches for k in batch]
+        assert None not in seen and len(seen) == len(set(seen)) == 4 * 31 * block
+        # The loader takes micro-batches from its workers in turn: batch m of rank r came from worker m % 2.
+        consumers = {}
+        for r, batches in enumerate(per_rank):
+            for m, batch in enumerate(batches):
+                consumers.setdefault((r, m % workers), set()).update(shard_of[k] for k in batch)
+        assert all(len(shards) == 1 for shards in consumers.values())  # each consumer read one file only
+        assert sorted(s for shards in consumers.values() for s in shards) == [0, 1, 2, 3]
+        assignments.append(consumers)
+    assert assignments[0] != assignments[1]  # the files are dealt out anew each epoch
+    whole = _epoch(splits.train, 1, world, workers, block, 1, num_examples=n, sharding="shards")
+    skip = 3  # not a multiple of the 2 workers: the workers' roles rotate on resume
+    assert _epoch(splits.train, 1, world, workers, block, 1, skip=skip, num_examples=n,
+                  sharding="shards") == whole[skip:]
+    with pytest.raises(UserError, match="the stream has 4 shard"):
+        ExampleStream(splits.train, block, 0, 2, 3, seed=3, sharding="shards")  # 6 consumers
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])

@@ -360,3 +360,14 @@ def test_streaming_says_what_its_sharding_reads_and_warns_past_four_gpus():
     assert level == logging.INFO and "each of the 4 consumers (2 processes x 2 loader workers)" in message
     level, message = streaming_note(8, 16)
     assert level == logging.WARNING and "each of the 128 consumers" in message and "streaming: false" in message
+
+
+def test_pretraining_streams_by_shards_under_two_processes(tmp_path, imagenet_sample_path):
+    """stream_sharding shards, 2 processes x 2 loader workers over the 4 parquet files: the same step count and
+    every example of the (256-example) epoch once, each consumer reading only its own file."""
+    out = tmp_path / "shards"
+    proc = run_script(["run_pretrain.py", *PRETRAIN, "--stream_sharding", "shards", "--output_dir", str(out)],
+                      nproc=2, timeout=TIMEOUT)
+    results = read_json(out / "all_results.json")
+    assert results["global_step"] == PRETRAIN_STEPS and results["train_samples_seen"] == 256
+    assert "Streaming: 4 shards dealt over 4 consumers (2 processes x 2 loader workers), 1 each" in proc.stderr
