@@ -750,7 +750,11 @@ class ExampleStream(torch.utils.data.IterableDataset):
             done = r + 1
             yield from block
         if planned is not None and done < planned:
-            if consumer == 0:
+            if self.by_shards:  # this consumer's shards hold less than the average share the plan assumes
+                logger.warning("epoch %d: consumer %d's shards ran out after %d of %d planned blocks of %d examples "
+                               "(they hold fewer than the average share); its remaining micro-batches are empty",
+                               self.epoch, consumer, done, planned, self.block)
+            elif consumer == 0:
                 logger.warning("epoch %d: the data ran out after %d of %d planned rounds of %d examples; the rest of "
                                "the epoch is empty batches (pass the exact --train_samples)", self.epoch, done,
                                planned, self.consumers * self.block)

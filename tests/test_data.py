@@ -688,3 +688,14 @@ def test_too_many_bad_images_stop_with_an_error_naming_them(corrupt_run_data, tm
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "max_bad_sample_fraction=0.01" in error[0] and "img_4_" in error[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_stream_sharding_by_shards_pads_a_short_share_with_empty_micro_batches(imagenet_sample_path, caplog):
+    """A share that holds less than the plan (here: the plan assumes 1,200 examples over the 4 files of 250) ends
+    with empty micro-batches, so that every rank still runs the planned number; the log says which consumer."""
+    splits = load_splits(DataArguments(dataset_name=str(imagenet_sample_path), streaming=True, train_val_split=0), 0)
+    with caplog.at_level("WARNING", logger="hf_vit.data"):  # no loader workers: the stream runs in this process
+        batches = _epoch(splits.train, 0, 2, 0, 50, num_examples=1200, sharding="shards")  # 2 consumers, 2 files each
+    assert len(batches) == 1200 * 2 // 4 // 50 == 12  # planned: 600 per consumer, 12 blocks
+    assert all(None not in b for b in batches[:10]) and all(set(b) == {None} for b in batches[10:])  # 500 real
+    assert "consumer 0's shards ran out after 10 of 12 planned blocks" in caplog.text
