@@ -34,11 +34,12 @@ Design (why it is built this way):
 * **uint8 until the device.** Workers decode and crop to the final size and hand over uint8 tensors (4x less to copy
   than float32), in channels-last memory so that batching is a plain copy; conversion and normalisation happen batched
   on the device (:func:`normalize`).
-* **Reduced-size JPEG decoding.** The random-resized crop box is chosen from the header size, then the JPEG is decoded
-  at the largest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at least as large as the output — full quality
-  for the pixels used, less decode work for large photos — by libjpeg-turbo straight into an array (simplejpeg; PIL
-  for anything it does not take); only the crop is copied out of the decoded image, and it is resized with torch's
-  vectorised antialiased kernel.
+* **Decode only what the crop needs.** The random-resized crop box is chosen from the header size, then the JPEG is
+  decoded at the largest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at least as large as the output — full
+  quality for the pixels used — and only over the crop's rows and columns, stopping at its last row (the optional C
+  extension ``_jpeg_crop`` over libjpeg-turbo; without it the whole image through libjpeg-turbo straight, simplejpeg;
+  PIL for anything neither takes). The same pixels on every path; the crop is resized with torch's vectorised
+  antialiased kernel. On a GPU, ``decode_on_device`` moves decoding there altogether (``device_jpeg.py``).
 """
 
 from __future__ import annotations
