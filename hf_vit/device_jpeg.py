@@ -20,6 +20,7 @@ is dropped from the batch and reported in ``bad_keys``, as the loader does.
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import PIL.Image
 import torch
@@ -38,6 +39,17 @@ def split_train_transform(transform: v2.Compose) -> tuple[RandomResizedCropDecod
     return crop, flip, rest
 
 
+class JpegPlan(NamedTuple):
+    """What a worker hands over for one plain JPEG: its bytes and the draws the CPU path would have made."""
+
+    data: torch.Tensor  # the file's bytes, uint8 1-D
+    box: tuple[int, int, int, int]  # top, left, height, width in full-size pixels
+    flip: bool
+    seed: int  # the example's augmentation seed, replayed on the device for the ops after the flip
+    label: int
+    key: str
+
+
 class JpegPlanCollate(DecodeCollate):
     """Loader ``collate_fn`` for ``decode_on_device``: plain JPEGs leave the worker undecoded, with their plan.
 
@@ -51,8 +63,8 @@ class JpegPlanCollate(DecodeCollate):
         super().__init__(transform, image_column, label_column, num_classes, seed, train=True)
         self.crop, self.flip, _ = split_train_transform(transform)
 
-    def plan(self, example: dict):
-        """(bytes, box, flip, seed, label, key) for a plain RGB/grey JPEG that ends with its end-of-image marker (a
+    def plan(self, example: dict) -> JpegPlan | None:
+        """The :class:`JpegPlan` of a plain RGB/grey JPEG that ends with its end-of-image marker (a
         truncated file goes to the CPU path, where PIL refuses it); None for anything else."""
         image = example.get(self.image_column)
         if not isinstance(image, dict) or (image.get("bytes") is None and not image.get("path")):
@@ -74,7 +86,7 @@ class JpegPlanCollate(DecodeCollate):
             # The draws the CPU path makes, in its order: the crop box, then the flip (v2's `rand(1) < p`).
             box = tv_transforms.RandomResizedCrop.get_params(img, self.crop.scale, self.crop.ratio)
             flip = bool(torch.rand(1) < self.flip.p)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, seed, label, key
+        return JpegPlan(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, seed, label, key)
 
     def __call__(self, examples: list[dict | None]) -> dict:
         plans, rest = [], []
@@ -83,12 +95,12 @@ class JpegPlanCollate(DecodeCollate):
             (plans if planned is not None else rest).append(planned if planned is not None else example)
         batch = super().__call__(rest)
         batch["num_examples"] += len(plans)
-        batch["labels"] = torch.cat([batch["labels"], torch.tensor([p[4] for p in plans], dtype=torch.long)])
-        batch["keys"] += [p[5] for p in plans]
-        batch["jpeg_data"] = [p[0] for p in plans]
-        batch["jpeg_boxes"] = torch.tensor([p[1] for p in plans], dtype=torch.long).view(-1, 4)
-        batch["jpeg_flips"] = torch.tensor([p[2] for p in plans], dtype=torch.bool)
-        batch["jpeg_seeds"] = torch.tensor([p[3] for p in plans], dtype=torch.long)
+        batch["labels"] = torch.cat([batch["labels"], torch.tensor([p.label for p in plans], dtype=torch.long)])
+        batch["keys"] += [p.key for p in plans]
+        batch["jpeg_data"] = [p.data for p in plans]
+        batch["jpeg_boxes"] = torch.tensor([p.box for p in plans], dtype=torch.long).view(-1, 4)
+        batch["jpeg_flips"] = torch.tensor([p.flip for p in plans], dtype=torch.bool)
+        batch["jpeg_seeds"] = torch.tensor([p.seed for p in plans], dtype=torch.long)
         return batch
 
 
