@@ -462,7 +462,7 @@ def _scale_box(box: tuple[int, int, int, int], full: tuple[int, int], decoded: t
 
 def _decode_box(img: PIL.Image.Image, reduce: int, box: tuple[int, int, int, int]) -> torch.Tensor:
     """The ``box`` (top, left, height, width, in full-size pixels) of ``img`` (opened, not loaded), decoded at
-    1/``reduce`` of its size -> uint8 (h, w, C) tensor, channels-last contiguous, C = 1 for grey.
+    1/``reduce`` of its size -> uint8 (h, w, C) tensor, C = 1 for grey.
 
     With the optional C extension (``hf_vit/_jpeg_crop.c``, built where libjpeg-turbo's headers are present), a JPEG
     is decoded only as far as the box needs: rows above it and columns beside it skip the IDCT and colour conversion,
@@ -484,9 +484,7 @@ def _decode_box(img: PIL.Image.Image, reduce: int, box: tuple[int, int, int, int
             pass
     hwc = _decode_reduced(img, reduce)
     top, left, h, w = _scale_box(box, full, tuple(hwc.shape[:2]))
-    # Copy out only the crop, channels-last contiguous: torch's fast uint8 antialiased kernel needs that layout
-    # (on a strided view it takes a slow path, 2x the time, and returns a layout that makes batching transpose).
-    return hwc[top:top + h, left:left + w].contiguous()
+    return hwc[top:top + h, left:left + w]
 
 
 class RandomResizedCropDecode(torch.nn.Module):
@@ -512,12 +510,16 @@ class RandomResizedCropDecode(torch.nn.Module):
             reduce *= 2
         return reduce
 
+    def resize(self, crop: torch.Tensor) -> torch.Tensor:
+        """A decoded crop, uint8 (h, w, C) -> (C, S, S), antialiased. Copied channels-last contiguous first: torch's
+        fast uint8 kernel needs that layout (on a strided view it takes a slow path, 2x the time, and returns a layout
+        that makes batching transpose); a crop that already is one is not copied."""
+        return v2.functional.resize(crop.contiguous().permute(2, 0, 1), [self.size, self.size],
+                                    interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
     def forward(self, img: PIL.Image.Image) -> torch.Tensor:
         box = tv_transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
-        pixels = _decode_box(img, self.reduction(img, box), box).permute(2, 0, 1)
-        out = v2.functional.resize(pixels, [self.size, self.size], interpolation=v2.InterpolationMode.BILINEAR,
-                                   antialias=True)
-        return as_rgb_tensor(out)
+        return as_rgb_tensor(self.resize(_decode_box(img, self.reduction(img, box), box)))
 
 
 class ReflectPadRandomCrop(v2.RandomCrop):

@@ -39,6 +39,13 @@ def split_train_transform(transform: v2.Compose) -> tuple[RandomResizedCropDecod
     return crop, flip, rest
 
 
+def _draws(source, crop: RandomResizedCropDecode, flip: v2.RandomHorizontalFlip) -> tuple[tuple, bool]:
+    """The draws the CPU path makes for an example, in its order: the crop box (from ``source``'s size), then the
+    flip (v2's ``rand(1) < p``). The worker makes them; the device replays them to reach the RNG state after them."""
+    box = tv_transforms.RandomResizedCrop.get_params(source, crop.scale, crop.ratio)
+    return box, bool(torch.rand(1) < flip.p)
+
+
 class JpegPlan(NamedTuple):
     """What a worker hands over for one plain JPEG: its bytes and the draws the CPU path would have made."""
 
@@ -83,16 +90,17 @@ class JpegPlanCollate(DecodeCollate):
         seed = _augmentation_seed(key, self.seed, self.epoch)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            # The draws the CPU path makes, in its order: the crop box, then the flip (v2's `rand(1) < p`).
-            box = tv_transforms.RandomResizedCrop.get_params(img, self.crop.scale, self.crop.ratio)
-            flip = bool(torch.rand(1) < self.flip.p)
+            box, flip = _draws(img, self.crop, self.flip)
         return JpegPlan(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, seed, label, key)
 
     def __call__(self, examples: list[dict | None]) -> dict:
         plans, rest = [], []
         for example in examples:
             planned = self.plan(example) if example is not None else None
-            (plans if planned is not None else rest).append(planned if planned is not None else example)
+            if planned is None:
+                rest.append(example)
+            else:
+                plans.append(planned)
         batch = super().__call__(rest)
         batch["num_examples"] += len(plans)
         batch["labels"] = torch.cat([batch["labels"], torch.tensor([p.label for p in plans], dtype=torch.long)])
@@ -113,7 +121,7 @@ class DeviceJpegDecoder:
     """
 
     def __init__(self, transform, device: torch.device):
-        self.crop, _, rest = split_train_transform(transform)
+        self.crop, self.flip, rest = split_train_transform(transform)
         self.after_flip = v2.Compose(rest) if rest else None
         self.device = device
 
@@ -135,19 +143,14 @@ class DeviceJpegDecoder:
 
     def _finish(self, image: torch.Tensor, box: list[int], flip: bool, seed: int) -> torch.Tensor:
         top, left, h, w = box
-        crop = image[:, top:top + h, left:left + w]
-        if self.device.type == "cpu":  # torch's fast uint8 kernel wants channels-last (as data._decode_box hands it)
-            crop = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-        out = v2.functional.resize(crop, [self.crop.size, self.crop.size],
-                                   interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        out = self.crop.resize(image[:, top:top + h, left:left + w].permute(1, 2, 0))
         if flip:
             out = out.flip(-1)
         if self.after_flip is not None:
             with torch.random.fork_rng(devices=[]):
                 # Replay the worker's draws (box, flip) so that the ops after them continue the same RNG stream.
                 torch.default_generator.manual_seed(seed)
-                tv_transforms.RandomResizedCrop.get_params(image, self.crop.scale, self.crop.ratio)
-                torch.rand(1)
+                _draws(image, self.crop, self.flip)
                 out = self.after_flip(out)
         return out
 
