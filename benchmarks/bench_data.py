@@ -7,13 +7,13 @@ delivers. The encoded images are held in memory; after a warm-up, ``--repeats`` 
 (interleaved, so a busy spell slows every case alike), and the best pass (the least disturbed) and the median are
 reported.
 
-* ``pipeline``: :class:`hf_vit.data.DecodeCollate` with :func:`hf_vit.data.train_transform`, exactly as the trainer
+* ``pipeline``: :class:`hf_vit.data.loader.DecodeCollate` with :func:`hf_vit.data.train_transform`, exactly as the trainer
   builds it (``ImageSpec`` from ``build_image_processor``), batch of 64, uint8 out; ``partial_jpeg_decoding`` in the
   JSON says whether the optional C extension (decode only what the crop needs) was built and used. Normalisation happens batched on the
   accelerator in training, so it is not part of this figure; ``pipeline_cpu_normalize`` adds it on the CPU for a
   machine without one.
 * ``worker_with_decode_on_device``: what a loader worker still does per image with ``decode_on_device: true``
-  (:class:`hf_vit.device_jpeg.JpegPlanCollate`: read the bytes, parse the header, draw the crop and flip) — the
+  (:class:`hf_vit.data.device_jpeg.JpegPlanCollate`: read the bytes, parse the header, draw the crop and flip) — the
   images per second one core can feed when the accelerator decodes (ImageNet-style cases only).
 * ``reference``: the usual per-sample path: PIL decode -> torchvision ``RandomResizedCrop`` (or pad-and-crop for CIFAR)
   -> horizontal flip -> ``ToTensor`` -> ``Normalize`` in float, then ``default_collate`` into a batch.
@@ -51,8 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_vit.config import DataArguments  # noqa: E402
-from hf_vit.data import (DecodeCollate, ImageSpec, RandomResizedCropDecode, build_image_processor,  # noqa: E402
-                         normalize, train_transform)
+from hf_vit.data import ImageSpec, build_image_processor, normalize, train_transform  # noqa: E402
+from hf_vit.data.loader import DecodeCollate  # noqa: E402
+from hf_vit.data.transforms import RandomResizedCropDecode  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets"
 BATCH = 64
@@ -104,7 +105,7 @@ def pipeline_fn(spec: ImageSpec, args: DataArguments, image_col: str, normalize_
 
 def plan_fn(spec: ImageSpec, args: DataArguments, image_col: str):
     """The loader worker's share under ``decode_on_device``: read the bytes, draw the crop and flip; no decoding."""
-    from hf_vit.device_jpeg import JpegPlanCollate
+    from hf_vit.data.device_jpeg import JpegPlanCollate
 
     collate = JpegPlanCollate(train_transform(spec, args), image_col, "label", 1000, seed=0)
 
@@ -172,7 +173,7 @@ def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
     """CPU milliseconds per image of the ImageNet-style pipeline's stages, each timed alone over all examples."""
     from torchvision.transforms import v2
 
-    from hf_vit.data import _decode_box, _decode_reduced, _jpeg_crop
+    from hf_vit.data.decoding import decode_box, decode_reduced, has_partial_jpeg_decoder
 
     def per_image(fn, n: int) -> float:
         fn(0)
@@ -182,7 +183,7 @@ def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
         return round((time.process_time() - start) / n * 1e3, 4)
 
     data = [ex[image_col]["bytes"] for ex in examples]
-    decoded = [_decode_reduced(PIL.Image.open(io.BytesIO(b)), 1) for b in data]
+    decoded = [decode_reduced(PIL.Image.open(io.BytesIO(b)), 1) for b in data]
     torch.manual_seed(0)
     boxes = [T.RandomResizedCrop.get_params(hwc.permute(2, 0, 1), (0.08, 1.0), (3 / 4, 4 / 3)) for hwc in decoded]
 
@@ -194,16 +195,16 @@ def stage_breakdown(examples: list[dict], image_col: str, size: int) -> dict:
     n = len(data)
     stages = {
         "open_header": per_image(lambda i: PIL.Image.open(io.BytesIO(data[i])), n),
-        "decode": per_image(lambda i: _decode_reduced(PIL.Image.open(io.BytesIO(data[i])), 1), n),
+        "decode": per_image(lambda i: decode_reduced(PIL.Image.open(io.BytesIO(data[i])), 1), n),
         "crop_box": per_image(lambda i: T.RandomResizedCrop.get_params(crops[i], (0.08, 1.0), (3 / 4, 4 / 3)), n),
         "crop_copy": per_image(crop, n),
         "resize": per_image(lambda i: v2.functional.resize(crops[i], [size, size], antialias=True), n),
         "torch_manual_seed": per_image(lambda i: torch.manual_seed(i), n),
         "cpu_generator_seed": per_image(lambda i: torch.default_generator.manual_seed(i), n),
     }
-    if _jpeg_crop is not None:  # the same boxes, decoded only as far as each needs (crop copy included)
+    if has_partial_jpeg_decoder():  # the same boxes, decoded only as far as each needs (crop copy included)
         stages["decode_box_only"] = per_image(
-            lambda i: _decode_box(PIL.Image.open(io.BytesIO(data[i])), 1, boxes[i]), n)
+            lambda i: decode_box(PIL.Image.open(io.BytesIO(data[i])), 1, boxes[i]), n)
     return stages
 
 
@@ -257,11 +258,11 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     vit_b16 = ImageSpec.from_processor(build_image_processor(224, None))
-    from hf_vit.data import _jpeg_crop
+    from hf_vit.data.decoding import has_partial_jpeg_decoder
 
     report = {
         "date": time.strftime("%Y-%m-%d"),
-        "partial_jpeg_decoding": _jpeg_crop is not None,  # the optional C extension was built and is in use
+        "partial_jpeg_decoding": has_partial_jpeg_decoder(),  # the optional C extension was built and is in use
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}, "
                    f"Pillow {PIL.__version__}",

@@ -115,7 +115,7 @@ def part_c(args, log) -> dict:
 
     from hf_vit.config import DataArguments
     from hf_vit.data import ImageSpec, build_image_processor, train_transform
-    from hf_vit.device_jpeg import DeviceJpegDecoder, JpegPlanCollate
+    from hf_vit.data.device_jpeg import DeviceJpegDecoder, JpegPlanCollate
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     ds = datasets.load_dataset(args.imagenet_dir, split="train")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -49,9 +50,9 @@ def resolve_resume_path(resume: str, output_dir: str, token: str | None = None) 
                 "pass a checkpoint-<step> folder or 'latest'"
             )
         return resume
-    if resume.count("/") == 1 and not resume.startswith((".", "/", "~")):
-        from .hub import download_checkpoint
+    from .hub import download_checkpoint, is_local_path
 
+    if resume.count("/") == 1 and not is_local_path(resume):  # user/repo: a checkpoint pushed to the Hub
         return download_checkpoint(resume, token=token)
     raise UserError(f"resume_from_checkpoint {resume!r} does not exist; pass a checkpoint folder, 'latest' or a Hub id")
 
@@ -68,8 +69,86 @@ def missing_files(path: str, num_processes: int, with_ema: bool, with_scaler: bo
 
 
 def read_state(path: str) -> dict:
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+    """The loop state saved in ``path/trainer_state.json``; an unreadable or malformed file is a one-line error."""
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"checkpoint {path!r} has an unreadable {STATE_FILE} ({str(err).splitlines()[0]}); resume "
+                        "from another checkpoint") from None
+    counters = ("global_step", "epoch", "step_in_epoch", "samples_seen", "bad_samples")
+    bad = [k for k in counters if not isinstance(state.get(k), int) or isinstance(state.get(k), bool)
+           or state[k] < 0] if isinstance(state, dict) else ["all"]
+    if bad:
+        raise UserError(f"checkpoint {path!r} has a malformed {STATE_FILE} (fields {bad} are not counts); resume "
+                        "from another checkpoint")
+    return state
+
+
+def save(accelerator, output_dir: str, trainer_state: dict, model, processor, ema=None) -> Path | None:
+    """Save the whole training state as ``output_dir/checkpoint-<global_step>``, atomically (every rank takes part).
+
+    accelerate's ``save_state`` writes the model, optimizer, scaler and each rank's RNG states; the main process adds
+    the model config and image processor (so the folder loads on its own), the EMA weights and the loop state, then
+    :func:`finalize` renames the folder into place. Returns the folder on the main process, else None.
+    """
+    from safetensors.torch import save_file
+
+    tmp = Path(output_dir) / f"checkpoint-{trainer_state['global_step']}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    # Every rank writes its own RNG state (and, under FSDP, its shard) into tmp: finalise only once all are done.
+    accelerator.wait_for_everyone()
+    final = None
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).config.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
+        final = finalize(tmp, {**trainer_state, "n_averaged": int(ema.n_averaged) if ema is not None else 0})
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, path: str, layout: dict, ema=None) -> dict:
+    """Restore model, optimizer, scaler, RNG states and EMA from checkpoint ``path``; return its loop state.
+
+    Refused with a one-line error: another process count, another data layout mid-epoch (the position would mean
+    other examples), a missing file, or tensors that do not fit the model and optimizer being built.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    saved = read_state(path)
+    saved_layout = saved.get("layout", {})
+    if saved_layout.get("num_processes") != accelerator.num_processes:
+        raise UserError(
+            f"checkpoint {path!r} was written by {saved_layout.get('num_processes')} processes, this run has "
+            f"{accelerator.num_processes}; resume with the same --num_processes (the data position and per-process "
+            "RNG states are per process)"
+        )
+    if saved["step_in_epoch"] and saved_layout != layout:
+        raise UserError(
+            f"checkpoint {path!r} is mid-epoch with data layout {saved_layout}, this run has {layout}; "
+            "resume with the same dataloader_num_workers and batch sizes"
+        )
+    n_averaged = saved.pop("n_averaged", 0)
+    missing = missing_files(path, accelerator.num_processes, with_ema=ema is not None and n_averaged > 0,
+                            with_scaler=accelerator.scaler is not None)
+    if missing:
+        raise UserError(f"checkpoint {path!r} is incomplete (missing {missing}); resume from another checkpoint")
+    try:
+        # Loads model.safetensors, and optimizer.bin / random_states_<rank>.pkl / scaler.pt with weights_only=True.
+        accelerator.load_state(path)
+    except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        raise UserError(f"checkpoint {path!r} does not fit this run ({str(err).splitlines()[0][:300]}); resume "
+                        "with the model and optimizer settings it was written with") from None
+    if ema is not None and os.path.isfile(os.path.join(path, "ema.safetensors")):
+        ema.module.load_state_dict(load_file(os.path.join(path, "ema.safetensors"), device=str(accelerator.device)))
+        ema.n_averaged.fill_(n_averaged)
+    return saved
 
 
 def _fsync(path: Path) -> None:

@@ -6,8 +6,9 @@
 
 The model is any checkpoint this pipeline wrote, or any ``ViTForImageClassification`` whose labels are the dataset's
 class names in the same order. Preprocessing comes from the checkpoint's own image processor, and the loop, the
-sharding and the metrics are the trainer's (``hf_vit.trainer.evaluate_model``), so a checkpoint scores here exactly
-what it scored at the end of training on the same images.
+sharding and the metrics are the training loop's (``hf_vit.scoring.evaluate_classifier`` on
+``hf_vit.data.build_eval_data``), so a checkpoint scores here exactly what it scored at the end of training on the
+same images.
 
 ``--train_val_split F --seed S`` evaluates the validation slice a training run with the same ``train_val_split``
 and ``seed`` carved out of ``--eval_split`` (how a train-only dataset such as CIFAR-10 is validated). Writes
@@ -26,15 +27,15 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, ViTForImageClassification
 
 from .config import DataArguments
-from .data import (DecodeCollate, ExampleStream, ImageSpec, _load, build_loader, eval_transform, is_local_path,
-                   load_splits)
+from .data import ImageSpec, build_eval_data, load_splits, open_dataset
 from .errors import UserError, run_cli
-from .evaluation import format_results_table
-from .trainer import _cpu_only_distributed, _top5, evaluate_model, main_process_first
+from .hub import is_local_path
+from .runtime import build_accelerator, cpu_only_distributed, main_process_first, setup_logging
+from .scoring import eval_results, evaluate_classifier, format_results_table
 
 logger = logging.getLogger("hf_vit")
 
@@ -157,15 +158,16 @@ def evaluate(args: EvalArguments) -> dict:
     if args.per_device_eval_batch_size < 1 or args.dataloader_num_workers < 0 or args.train_val_split < 0:
         raise UserError("per_device_eval_batch_size must be >= 1, dataloader_num_workers and train_val_split >= 0")
     config = _model_config(args.model_name_or_path)
-    state = PartialState(cpu=_cpu_only_distributed())
+    state = PartialState(cpu=cpu_only_distributed())
     data_args = _data_arguments(args)
     with main_process_first(state):  # the main process builds the datasets cache, the others reuse it
-        splits = list(_load(data_args).keys())
+        loaded = open_dataset(data_args)
+        splits = list(loaded.keys())
         if args.eval_split is None:
             raise UserError(f"pass --eval_split; dataset {args.dataset_name!r} has splits {splits}")
         if args.eval_split not in splits:
             raise UserError(f"split {args.eval_split!r} not found; dataset {args.dataset_name!r} has splits {splits}")
-        data = load_splits(data_args, args.seed)
+        data = load_splits(data_args, args.seed, loaded)
     check_labels([config.id2label[i] for i in range(config.num_labels)], data.label_names, args.model_name_or_path,
                  args.dataset_name)
     if not data.num_eval_examples:
@@ -178,13 +180,8 @@ def evaluate(args: EvalArguments) -> dict:
         raise UserError(f"the image processor of {args.model_name_or_path!r} gives no square size, mean and std "
                         f"({err}); evaluate a ViT checkpoint with a ViT/DeiT image processor") from None
 
-    acc = Accelerator(mixed_precision=args.mixed_precision, cpu=_cpu_only_distributed())
-    workers = args.dataloader_num_workers
-    stream = ExampleStream(data.eval, args.per_device_eval_batch_size, acc.process_index, acc.num_processes, workers,
-                           args.seed, shuffle=False, drop_incomplete_round=False)
-    collate = DecodeCollate(eval_transform(spec), data.image_column, data.label_column, len(data.label_names),
-                            args.seed, train=False)
-    loader = build_loader(stream, collate, workers, pin_memory=acc.device.type == "cuda")
+    acc = build_accelerator(args.mixed_precision)
+    eval_data = build_eval_data(data, spec, data_args, args.per_device_eval_batch_size, args.seed, acc)
     what = (f"the {args.train_val_split:g} validation slice (seed {args.seed}) of split {args.eval_split!r}"
             if args.train_val_split > 0 else f"split {args.eval_split!r}")
     logger.info("Evaluating %s on %s of %s: %d examples, %d process(es), image size %d, mean %s, std %s",
@@ -192,10 +189,9 @@ def evaluate(args: EvalArguments) -> dict:
                 spec.image_size, spec.mean, spec.std)
     mean = torch.tensor(spec.mean, device=acc.device)
     std = torch.tensor(spec.std, device=acc.device)
-    metrics = evaluate_model(model.to(acc.device), loader, stream, acc, mean, std, data.label_names)
+    metrics = evaluate_classifier(model.to(acc.device), eval_data, acc, mean, std, data.label_names)
 
-    results = {"eval_accuracy": metrics["accuracy"], "eval_top5_accuracy": _top5(metrics),
-               "eval_loss": metrics["loss"], "eval_samples": metrics["samples"], "per_class": metrics["per_class"],
+    results = {**eval_results(metrics), "per_class": metrics["per_class"],
                "confusion_matrix": metrics["confusion_matrix"], "model_name_or_path": args.model_name_or_path,
                "dataset_name": args.dataset_name, "eval_split": args.eval_split,
                "train_val_split": args.train_val_split, "seed": args.seed}
@@ -228,11 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser.error = one_line_error  # argparse would print the whole usage block and exit
     (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
-    main_process = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if main_process else logging.WARNING)
-    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     return evaluate(args)
 
 

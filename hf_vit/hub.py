@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,20 +49,14 @@ MODEL_FILES = ["*.safetensors", "config.json", "preprocessor_config.json"]
 # name the folders that must never go up as loose files even if a pattern above is widened.
 TOP_LEVEL_ONLY = ["*/*", "checkpoint-*", "*.tmp"]
 LAST_CHECKPOINT = "last-checkpoint"
-_CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
 T = TypeVar("T")
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """Return the complete ``checkpoint-<N>`` folder with the highest N in ``run_dir`` (``*.tmp`` ones are still
-    being written), or None if there is none."""
-    found = [
-        (int(m.group(1)), p)
-        for p in Path(run_dir).iterdir()
-        if p.is_dir() and (m := _CHECKPOINT_RE.fullmatch(p.name))
-    ]
-    return max(found)[1] if found else None
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` means a filesystem path rather than a Hub id (``user/name``): it exists, starts like a path, or
+    has more than one slash."""
+    return os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _scrub(text: str, secrets: list[str]) -> str:

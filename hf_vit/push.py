@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 
 from hf_vit.errors import UserError, run_cli
-from hf_vit.hub import HubPusher, latest_checkpoint
+from hf_vit.checkpoint import complete_checkpoints
+from hf_vit.hub import HubPusher
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,10 +43,10 @@ def main(argv: list[str] | None = None) -> str:
         token=args.hub_token,
     )
     if args.include_checkpoints:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
+        checkpoints = complete_checkpoints(run_dir)
+        if not checkpoints:
             raise UserError(f"{str(run_dir)!r} holds no complete checkpoint-<step> folder; drop --include_checkpoints")
-        pusher.on_save(str(checkpoint))
+        pusher.on_save(str(checkpoints[-1]))
     url = pusher.on_end()
     if pusher.failed_uploads:
         failed = ", ".join(pusher.failed_uploads)

@@ -4,8 +4,12 @@ As a command, compares training runs from their output directories::
 
     python -m hf_vit.report runs/vit-tiny runs/vit-small --output_dir runs/comparison
 
-It prints a Markdown table (run, model, params, data, epochs, eval accuracy, top-5, train time) and, with
-``--output_dir``, writes ``comparison.md`` and ``comparison.png`` (eval accuracy against epoch for every run).
+It prints a Markdown table (run, model, params, data, epochs actually run, eval accuracy, top-5, train time) and,
+with ``--output_dir``, writes ``comparison.md`` and ``comparison.png`` (eval accuracy against epoch for every run).
+
+The plot helpers return their ``Figure`` (after writing it) so that callers and tests can read the plotted series;
+:func:`new_figure`, :func:`plot_runs_against_epoch`, :func:`load_run` and the ``format_*`` helpers are shared with
+:mod:`hf_vit.findings`.
 """
 
 from __future__ import annotations
@@ -24,40 +28,54 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_vit.errors import UserError, run_cli
-from hf_vit.evaluation import format_results_table
+from hf_vit.scoring import format_results_table
 
-CARD_TAGS = ["image-classification", "vision", "vit", "hf_vit"]
+# The model card's tags; the family's tag (config.json's model_type: "vit", "resnet", ...) goes between these and
+# LIBRARY_TAG.
+CARD_TAGS = ["image-classification", "vision"]
+LIBRARY_TAG = "hf_vit"
+# How the card names a model family (config.json's model_type); other types are named by their model_type.
+FAMILY_NAMES = {"vit": "Vision Transformer", "resnet": "ResNet", "convnext": "ConvNeXt"}
 
 
-def _new_figure(**kwargs) -> Figure:
-    # A bare Figure on an Agg canvas: no pyplot global state and no display needed, so it is safe in any process.
+def new_figure(**kwargs) -> Figure:
+    """A matplotlib ``Figure`` (``kwargs`` as for ``Figure``) on an Agg canvas, ready for ``savefig``."""
+    # No pyplot global state and no display needed, so it is safe in any process and thread.
     figure = Figure(**kwargs)
     FigureCanvasAgg(figure)
     return figure
 
 
-def plot_learning_curve(log_history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write a PNG with train loss, eval accuracy and learning rate against the optimisation step.
+def history_series(log_history: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """``(xs, values)`` of the records of ``log_history`` that carry ``key`` (and ``x``), in their order."""
+    points = [(record[x], record[key]) for record in log_history
+              if record.get(key) is not None and record.get(x) is not None]
+    return [position for position, _ in points], [value for _, value in points]
 
-    ``log_history`` is the list saved as ``output_dir/log_history.json``: train records carry ``train_loss`` and
-    ``learning_rate``, eval records ``eval_accuracy`` (and ``eval_ema_accuracy`` when an EMA model is evaluated).
-    Returns the path written.
+
+def plot_learning_curve(log_history: list[dict[str, Any]], path: str | os.PathLike) -> Figure:
+    """Write a PNG with train loss, accuracies and learning rate against the optimisation step; returns the figure.
+
+    ``log_history`` is the list saved as ``output_dir/log_history.json``: train records carry ``train_loss``,
+    ``learning_rate`` and (from trainers that measure it) ``train_accuracy``, eval records ``eval_accuracy`` (and
+    ``eval_ema_accuracy`` when an EMA model is evaluated). The figure's three axes are loss, accuracy and learning
+    rate; every line is labelled with what it shows.
     """
     def series(key: str) -> tuple[list[float], list[float]]:
-        points = [(record["step"], record[key]) for record in log_history if record.get(key) is not None]
-        return [step for step, _ in points], [value for _, value in points]
+        return history_series(log_history, key)
 
-    figure = _new_figure(figsize=(8, 9), layout="constrained")
+    figure = new_figure(figsize=(8, 9), layout="constrained")
     loss_axes, accuracy_axes, lr_axes = figure.subplots(3, 1, sharex=True)
     loss_axes.plot(*series("train_loss"), label="train loss")
     if any("eval_loss" in record for record in log_history):
         loss_axes.plot(*series("eval_loss"), marker="o", label="eval loss")
     loss_axes.set_ylabel("loss")
-    for key, label in (("eval_accuracy", "eval accuracy"), ("eval_ema_accuracy", "eval accuracy (EMA)")):
+    for key, label, marker in (("train_accuracy", "train accuracy", None), ("eval_accuracy", "eval accuracy", "o"),
+                               ("eval_ema_accuracy", "eval accuracy (EMA)", "o")):
         if any(key in record for record in log_history):
-            accuracy_axes.plot(*series(key), marker="o", label=label)
+            accuracy_axes.plot(*series(key), marker=marker, label=label)
     accuracy_axes.set_ylabel("accuracy")
-    lr_axes.plot(*series("learning_rate"))
+    lr_axes.plot(*series("learning_rate"), label="learning rate")
     lr_axes.set_ylabel("learning rate")
     lr_axes.set_xlabel("step")
     for axes in (loss_axes, accuracy_axes):
@@ -66,11 +84,11 @@ def plot_learning_curve(log_history: list[dict[str, Any]], path: str | os.PathLi
     for axes in (loss_axes, accuracy_axes, lr_axes):
         axes.grid(alpha=0.3)
     figure.savefig(path, dpi=100)
-    return Path(path)
+    return figure
 
 
-def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str | os.PathLike) -> Path:
-    """Write a PNG of the confusion matrix (rows = true class, columns = predicted class); returns the path.
+def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str | os.PathLike) -> Figure:
+    """Write a PNG of the confusion matrix (rows = true class, columns = predicted class); returns the figure.
 
     Colours show each row normalised to the fraction of its true class, so rare classes stay readable; counts are
     printed in the cells and class names on the axes only while there are few enough classes to read them.
@@ -79,7 +97,7 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str
     num_labels = len(counts)
     fractions = [[value / max(sum(row), 1) for value in row] for row in counts]
     side = min(max(4.0, 0.5 * num_labels + 2), 16.0)
-    figure = _new_figure(figsize=(side + 1.5, side), layout="constrained")
+    figure = new_figure(figsize=(side + 1.5, side), layout="constrained")
     axes = figure.subplots()
     image = axes.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=axes, label="fraction of true class")
@@ -94,7 +112,7 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     figure.savefig(path, dpi=100)
-    return Path(path)
+    return figure
 
 
 def _headline(results: dict[str, Any]) -> tuple[float | None, int | None, float | None]:
@@ -123,7 +141,8 @@ def _markdown_value(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _format_duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
+    """``12m 34s`` / ``1h 02m`` for a number of seconds; ``-`` when unknown."""
     if seconds is None or not math.isfinite(seconds):
         return "-"
     minutes, secs = divmod(round(seconds), 60)
@@ -140,16 +159,24 @@ def write_model_card(
     train_runtime: float,
     dataset_name: str,
     model_name: str,
+    model_type: str | None = None,
 ) -> ModelCard:
     """Write ``output_dir/README.md``, a Hub model card, and return it.
 
     The YAML header carries the library, tags, dataset, and a ``model-index`` with the accuracy and top-k accuracy
-    from ``results`` (the output of :func:`hf_vit.evaluation.compute_metrics`, or the flat ``eval_*`` dict of
+    from ``results`` (the output of :func:`hf_vit.scoring.compute_metrics`, or the flat ``eval_*`` dict of
     ``all_results.json``), so ``ModelCard.load(...).data.eval_results`` reads them back. The body lists the
     resolved hyper-parameters of ``config`` except any key containing "token", the hardware and training time,
     and the results table.
+
+    ``model_type`` is the model's ``config.model_type`` ("vit", "resnet", "convnext", ...): it becomes a tag and names
+    the family in the text. When it is not given, a ``model_preset`` starting with "vit" counts as a ViT; anything
+    else is described without a family rather than called a Vision Transformer.
     """
     config = _without_secrets(config)
+    preset = config.get("model_preset")
+    if model_type is None and str(preset or "").startswith("vit"):
+        model_type = "vit"
     accuracy, k, top_k = _headline(results)
     metric_fields = dict(task_type="image-classification", task_name="Image Classification",
                          dataset_type=dataset_name, dataset_name=dataset_name)
@@ -167,7 +194,7 @@ def write_model_card(
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-classification",
-        tags=list(CARD_TAGS),
+        tags=[*CARD_TAGS, *([model_type] if model_type else []), LIBRARY_TAG],
         datasets=[dataset_name],
         metrics=["accuracy"],
         base_model=base_model,
@@ -177,7 +204,9 @@ def write_model_card(
 
     source = config.get("model_name_or_path")
     origin = f"fine-tuned from `{source}`" if source else "trained from scratch"
-    architecture = config.get("model_preset") or "Vision Transformer"
+    family = FAMILY_NAMES.get(model_type, model_type) if model_type else None
+    architecture = f"{preset} ({family})" if preset and family else preset or family
+    article = f"A {architecture}" if architecture else "An"
     hyperparameters = "\n".join(
         ["| hyper-parameter | value |", "|---|---|"]
         + [f"| {key} | {_markdown_value(value)} |" for key, value in sorted(config.items())]
@@ -190,14 +219,14 @@ def write_model_card(
     body = f"""
 # {model_name}
 
-A {architecture} image classifier over {len(label_names)} classes, {origin} on `{dataset_name}` with hf_vit
+{article} image classifier over {len(label_names)} classes, {origin} on `{dataset_name}` with hf_vit
 (Transformers, Accelerate, Datasets). On the evaluation split it reaches
 {" and ".join(headline) if headline else "no recorded accuracy"}.
 
 ## Training
 
 - Hardware: {hardware}
-- Training time: {_format_duration(train_runtime)}
+- Training time: {format_duration(train_runtime)}
 
 ### Hyper-parameters
 
@@ -236,7 +265,13 @@ def _count_parameters(run_dir: Path, results: dict[str, Any]) -> int | None:
         return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
 
 
-def _load_run(run_dir: str) -> dict[str, Any]:
+def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read a finished run folder (one that holds ``all_results.json``); a folder that is not one is a UserError.
+
+    Returns ``{"dir": Path, "results": all_results.json, "config": train_config.yaml (or {}), "history":
+    log_history.json (or []), "model_type": config.json's model_type (or None), "model": the preset, checkpoint or
+    model type it trained, "num_parameters": from the results or counted in model.safetensors (or None)}``.
+    """
     path = Path(run_dir)
     if not path.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass the output_dir of a training run.")
@@ -245,25 +280,32 @@ def _load_run(run_dir: str) -> dict[str, Any]:
     results = _read(path / "all_results.json", "results file")
     config = _read(path / "train_config.yaml", "config file") if (path / "train_config.yaml").is_file() else {}
     history = _read(path / "log_history.json", "log history") if (path / "log_history.json").is_file() else []
-    if not isinstance(results, dict) or not isinstance(config or {}, dict) or not isinstance(history, list):
+    model_config = _read(path / "config.json", "model config") if (path / "config.json").is_file() else {}
+    if not all(isinstance(item, dict) for item in (results, config or {}, model_config or {})) \
+            or not isinstance(history, list):
         raise UserError(f"{run_dir} holds a results, config or log-history file of an unexpected shape.")
-    model_type = None
-    if (path / "config.json").is_file():
-        model_type = _read(path / "config.json", "model config").get("model_type")
+    config, model_type = config or {}, (model_config or {}).get("model_type")
     return {
         "dir": path,
         "results": results,
-        "config": config or {},
+        "config": config,
         "history": history,
-        "model": (config or {}).get("model_preset") or (config or {}).get("model_name_or_path") or model_type or "-",
+        "model_type": model_type,
+        "model": config.get("model_preset") or config.get("model_name_or_path") or model_type or "-",
         "num_parameters": _count_parameters(path, results),
     }
 
 
-def _format_count(count: int | None) -> str:
+def format_count(count: int | None) -> str:
+    """``5.7M`` / ``147.6K`` for a parameter count; ``-`` when unknown."""
     if count is None:
         return "-"
     return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}K"
+
+
+def format_epochs(epochs: Any) -> str:
+    """Epochs actually run (a float: global_step / steps per epoch) to two decimals, without trailing zeros."""
+    return f"{round(epochs, 2):g}" if isinstance(epochs, (int, float)) else "-"
 
 
 def _format_metric(value: Any) -> str:
@@ -271,7 +313,7 @@ def _format_metric(value: Any) -> str:
 
 
 def comparison_table(runs: list[dict[str, Any]], names: list[str]) -> str:
-    """Markdown table with one row per loaded run."""
+    """Markdown table with one row per run loaded by :func:`load_run`; ``epochs`` are those actually run."""
     lines = [
         "| run | model | params | data | epochs | eval accuracy | top-5 | train time |",
         "|---|---|---|---|---|---|---|---|",
@@ -282,30 +324,48 @@ def comparison_table(runs: list[dict[str, Any]], names: list[str]) -> str:
         fraction = config.get("train_fraction")
         if isinstance(fraction, (int, float)) and fraction < 1:
             data += f" ({fraction:.0%})"
-        epochs = config.get("num_train_epochs", results.get("epoch", "-"))
         accuracy, k, top_k = _headline(results)
         top_k_cell = _format_metric(top_k) + (f" (top-{k})" if k not in (None, 5) else "")
-        cells = [name, run["model"], _format_count(run["num_parameters"]), data, epochs,
-                 _format_metric(accuracy), top_k_cell, _format_duration(results.get("train_runtime"))]
+        cells = [name, run["model"], format_count(run["num_parameters"]), data, format_epochs(results.get("epoch")),
+                 _format_metric(accuracy), top_k_cell, format_duration(results.get("train_runtime"))]
         lines.append("| " + " | ".join(_markdown_value(cell) for cell in cells) + " |")
     return "\n".join(lines)
 
 
-def plot_comparison(runs: list[dict[str, Any]], names: list[str], path: str | os.PathLike) -> Path:
-    """Write a PNG of eval accuracy against epoch, one line per run; returns the path."""
-    figure = _new_figure(figsize=(8, 5), layout="constrained")
-    axes = figure.subplots()
-    for name, run in zip(names, runs):
-        points = [(r["epoch"], r["eval_accuracy"]) for r in run["history"] if r.get("eval_accuracy") is not None]
-        if points:
-            axes.plot([epoch for epoch, _ in points], [acc for _, acc in points], marker="o", label=name)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("eval accuracy")
-    axes.grid(alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend()
+def plot_runs_against_epoch(histories: dict[str, list[dict[str, Any]]], keys: dict[str, str],
+                            path: str | os.PathLike) -> Figure:
+    """Write a PNG with one panel per ``keys`` entry (``{log_history key: axis label}``), side by side, and one line
+    per run of ``histories`` (``{run name: log_history}``) in each, against the epoch; returns the figure.
+
+    A run without a key in its history has no line in that panel; a panel with no line says so.
+    """
+    figure = new_figure(figsize=(4.5 * len(keys) + 1, 4.5), layout="constrained")
+    panels = figure.subplots(1, len(keys), squeeze=False)[0]
+    legend = {}
+    for axes, (key, label) in zip(panels, keys.items()):
+        for index, (name, history) in enumerate(histories.items()):
+            epochs, values = history_series(history, key, x="epoch")
+            if values:
+                # One colour per run in every panel, also when a run lacks a key in some panel.
+                (line,) = axes.plot(epochs, values, color=f"C{index % 10}", label=name, markersize=3,
+                                    marker="o" if key.startswith("eval_") else None)
+                legend.setdefault(name, line)
+        if not axes.get_lines():
+            axes.text(0.5, 0.5, f"no {key} recorded", ha="center", va="center", transform=axes.transAxes)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+    if legend:
+        figure.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=min(len(legend), 4),
+                      fontsize=8)
     figure.savefig(path, dpi=100)
-    return Path(path)
+    return figure
+
+
+def plot_comparison(runs: list[dict[str, Any]], names: list[str], path: str | os.PathLike) -> Figure:
+    """Write a PNG of eval accuracy against epoch, one line per run; returns the figure."""
+    return plot_runs_against_epoch({name: run["history"] for name, run in zip(names, runs)},
+                                   {"eval_accuracy": "eval accuracy"}, path)
 
 
 def _run_names(run_dirs: list[str]) -> list[str]:
@@ -320,7 +380,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--output_dir", default=None, help="write comparison.md and comparison.png here")
     args = parser.parse_args(argv)
 
-    runs = [_load_run(run_dir) for run_dir in args.run_dirs]
+    runs = [load_run(run_dir) for run_dir in args.run_dirs]
     names = _run_names(args.run_dirs)
     table = comparison_table(runs, names)
     print(table)

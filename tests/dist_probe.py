@@ -19,16 +19,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when hf_vit is not installed
 
 from hf_vit.config import parse_config  # noqa: E402
-from hf_vit.data import ExampleStream, example_key  # noqa: E402
+from hf_vit.data import example_key  # noqa: E402
+from hf_vit.data.loader import ExampleStream  # noqa: E402
 from hf_vit.trainer import Run  # noqa: E402
 
 
 def probe(out: Path, name: str, flags: list[str]) -> None:
     run = Run(parse_config(flags))
     acc, t = run.accelerator, run.cfg.train
-    run.train_stream.set_epoch(0)
-    run.train_collate.epoch = 0
-    batches = [batch["keys"] for batch in run.train_loader]
+    run.train_data.set_epoch(0)
+    batches = [batch["keys"] for batch in run.train_data]
     record = {"rank": acc.process_index, "world": acc.num_processes, "workers": run.cfg.data.dataloader_num_workers,
               "per_device_train_batch_size": t.per_device_train_batch_size,
               "gradient_accumulation_steps": t.gradient_accumulation_steps, "steps_per_epoch": run.steps_per_epoch,

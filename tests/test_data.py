@@ -20,11 +20,14 @@ from torchvision import transforms as tv_transforms
 from torchvision.transforms import v2
 
 from conftest import REPO, run_script
-from hf_vit import data as hf_data
 from hf_vit.config import DataArguments
-from hf_vit.data import (DecodeCollate, ExampleStream, ImageSpec, RandomResizedCropDecode, batch_mixer,
-                         build_image_processor, build_loader, describe, eval_transform, example_key, find_column,
-                         load_splits, main, normalize, to_uint8_tensor, train_transform)
+from hf_vit.data import (ImageSpec, batch_mixer, build_image_processor, describe, eval_transform, example_key,
+                         load_splits, normalize, train_transform)
+from hf_vit.data import decoding, transforms
+from hf_vit.data.decoding import decode_reduced, scale_box, to_uint8_tensor
+from hf_vit.data.loader import DecodeCollate, ExampleStream, build_loader
+from hf_vit.data.sources import find_column, main
+from hf_vit.data.transforms import RandomResizedCropDecode
 from hf_vit.errors import UserError, run_cli
 from hf_vit.optim import classification_loss
 
@@ -387,9 +390,9 @@ def test_normalize_maps_uint8_to_the_processor_range():
 
 def test_reduced_size_decoding_triggers_only_when_the_crop_allows_it(monkeypatch):
     reductions = []
-    real = hf_data._decode_box
-    monkeypatch.setattr(hf_data, "_decode_box", lambda img, reduce, box: reductions.append(reduce) or real(img, reduce,
-                                                                                                           box))
+    real = transforms.decode_box
+    monkeypatch.setattr(transforms, "decode_box", lambda img, reduce, box: reductions.append(reduce) or real(img, reduce,
+                                                                                                             box))
     rng = np.random.default_rng(0)
     smooth = np.kron(noise(rng, 30, 40), np.ones((40, 40, 1), dtype=np.uint8))  # 1200 x 1600, large features
     data = jpeg(smooth, quality=95)
@@ -423,8 +426,6 @@ def _with_extraneous_bytes(data: bytes) -> bytes:
 
 
 def test_jpeg_fast_decode_gives_pils_pixels_and_leaves_the_rest_to_pil(tmp_path, monkeypatch):
-    from hf_vit.data import _decode_reduced
-
     rng = np.random.default_rng(0)
     smooth = np.kron(noise(rng, 12, 16), np.ones((40, 40, 1), dtype=np.uint8))  # 480 x 640
     fast = {"RGB": jpeg(smooth), "L": jpeg(smooth, "L"), "RGB 4:2:0 progressive": jpeg(smooth, progressive=True,
@@ -433,23 +434,23 @@ def test_jpeg_fast_decode_gives_pils_pixels_and_leaves_the_rest_to_pil(tmp_path,
     (tmp_path / "photo.jpg").write_bytes(fast["RGB"])
     for reduce in (1, 2, 4, 8):
         for name, data in {**fast, **to_pil}.items():
-            out = _decode_reduced(PIL.Image.open(io.BytesIO(data)), reduce)
+            out = decode_reduced(PIL.Image.open(io.BytesIO(data)), reduce)
             assert torch.equal(out, _pil_decode(data, reduce)), (name, reduce)
-        from_file = _decode_reduced(PIL.Image.open(tmp_path / "photo.jpg"), reduce)
+        from_file = decode_reduced(PIL.Image.open(tmp_path / "photo.jpg"), reduce)
         assert torch.equal(from_file, _pil_decode(fast["RGB"], reduce))
     # The fast path really is libjpeg-turbo straight (PIL never loads those), and the others really go through PIL.
     with monkeypatch.context() as m:
         m.setattr(PIL.ImageFile.ImageFile, "load", lambda self: pytest.fail("PIL decoded a plain JPEG"))
         for data in fast.values():
-            _decode_reduced(PIL.Image.open(io.BytesIO(data)), 2)
+            decode_reduced(PIL.Image.open(io.BytesIO(data)), 2)
     calls = []
-    real = hf_data.simplejpeg.decode_jpeg
-    monkeypatch.setattr(hf_data.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
-    _decode_reduced(PIL.Image.open(io.BytesIO(to_pil["CMYK"])), 1)
+    real = decoding.simplejpeg.decode_jpeg
+    monkeypatch.setattr(decoding.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    decode_reduced(PIL.Image.open(io.BytesIO(to_pil["CMYK"])), 1)
     assert calls == []  # CMYK: straight to PIL, which converts it
     # A truncated JPEG is refused by both (the collate step counts it as bad, tested below).
     with pytest.raises(OSError):
-        _decode_reduced(PIL.Image.open(io.BytesIO(fast["RGB"][: len(fast["RGB"]) // 2])), 1)
+        decode_reduced(PIL.Image.open(io.BytesIO(fast["RGB"][: len(fast["RGB"]) // 2])), 1)
 
 
 def _jpegs_of_every_layout(rng) -> dict[str, bytes]:
@@ -538,7 +539,7 @@ def test_random_resized_crop_is_the_same_with_and_without_partial_decoding(crop_
     if crop_decoder == "C extension":
         pytest.importorskip("hf_vit._jpeg_crop", reason="built only where libjpeg's headers are present")
     else:
-        monkeypatch.setattr(hf_data, "_jpeg_crop", None)
+        monkeypatch.setattr(decoding, "_jpeg_crop", None)
     rng = np.random.default_rng(2)
     crop = RandomResizedCropDecode(64, scale=(0.08, 1.0))
     for name, data in _jpegs_of_every_layout(rng).items():
@@ -555,7 +556,7 @@ def test_random_resized_crop_is_the_same_with_and_without_partial_decoding(crop_
             while reduce < 8 and min(box[2:]) >= 2 * reduce * 64:
                 reduce *= 2
             full = _pil_decode(data, reduce)
-            top, left, h, w = hf_data._scale_box(box, PIL.Image.open(io.BytesIO(data)).size[::-1], full.shape[:2])
+            top, left, h, w = scale_box(box, PIL.Image.open(io.BytesIO(data)).size[::-1], full.shape[:2])
             expected = v2.functional.resize(full[top:top + h, left:left + w].permute(2, 0, 1), [64, 64],
                                             antialias=True).expand(3, -1, -1)
             assert torch.equal(out, expected) and torch.equal(from_file, expected), (name, seed)
@@ -566,7 +567,7 @@ def test_random_resized_crop_is_the_same_with_and_without_partial_decoding(crop_
 
 
 def test_reflect_pad_crop_is_torchvision_random_crop_exactly():
-    from hf_vit.data import ReflectPadRandomCrop
+    from hf_vit.data.transforms import ReflectPadRandomCrop
 
     for size, pad in ((32, 4), (224, 28), (6, 5)):
         image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8)

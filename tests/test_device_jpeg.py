@@ -1,4 +1,4 @@
-"""decode_on_device (hf_vit/device_jpeg.py): JPEGs decoded on the accelerator. Here the "accelerator" is the CPU, where
+"""decode_on_device (hf_vit/data/device_jpeg.py): JPEGs decoded on the accelerator. Here the "accelerator" is the CPU, where
 the path must give the loader path's batches bit for bit — on CUDA only the decoder (nvJPEG) differs."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 
 from conftest import IMAGENET_SAMPLE, run_script
 from hf_vit.config import DataArguments
-from hf_vit.data import (DecodeCollate, ImageSpec, RandomResizedCropDecode, build_image_processor,
-                         train_transform)
-from hf_vit.device_jpeg import DeviceJpegDecoder, JpegPlanCollate
+from hf_vit.data import ImageSpec, build_image_processor, train_transform
+from hf_vit.data.device_jpeg import DeviceJpegDecoder, JpegPlanCollate
+from hf_vit.data.loader import DecodeCollate
+from hf_vit.data.transforms import RandomResizedCropDecode
 
 PRETRAIN = ["--dataset_name", str(IMAGENET_SAMPLE), "--streaming", "true", "--image_size", "32", "--patch_size", "8",
             "--hidden_size", "64", "--intermediate_size", "128", "--num_hidden_layers", "2", "--num_attention_heads",
@@ -88,7 +89,7 @@ def test_images_the_device_decoder_refuses_are_decoded_on_the_cpu_and_only_undec
         imagenet_sample_path, monkeypatch):
     """nvJPEG does not take every JPEG libjpeg-turbo takes: such images must not be counted as bad. A stand-in device
     ("cpu:0") whose decoder refuses everything: the batch comes out the same, via the CPU decoder."""
-    import hf_vit.device_jpeg as device_jpeg
+    import hf_vit.data.device_jpeg as device_jpeg
 
     real = device_jpeg.decode_jpeg
 

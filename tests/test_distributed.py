@@ -332,7 +332,7 @@ def test_deepspeed_config_gets_what_the_loop_cannot_hand_accelerate():
 
     from hf_vit.config import parse_config, resolve_batch_sizes
     from hf_vit.errors import UserError
-    from hf_vit.trainer import configure_deepspeed
+    from hf_vit.runtime import configure_deepspeed
 
     plugin = DeepSpeedPlugin(hf_ds_config=str(REPO / "accelerate_configs" / "deepspeed_zero2.json"))
     assert plugin.is_auto("train_micro_batch_size_per_gpu")  # what made accelerate.prepare raise before
@@ -354,7 +354,7 @@ def test_deepspeed_config_gets_what_the_loop_cannot_hand_accelerate():
 def test_streaming_says_what_its_sharding_reads_and_warns_past_four_gpus():
     import logging
 
-    from hf_vit.trainer import streaming_note
+    from hf_vit.data import streaming_note
 
     level, message = streaming_note(2, 2)
     assert level == logging.INFO and "each of the 4 consumers (2 processes x 2 loader workers)" in message

@@ -177,7 +177,7 @@ def test_tensorboard_tracker_logs_the_loop_scalars_under_output_dir(run_dir):
 def test_report_to_auto_picks_tensorboard_and_an_unavailable_tracker_is_an_error():
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
-    from hf_vit.trainer import _trackers
+    from hf_vit.runtime import trackers as _trackers
 
     assert _trackers("auto") == ["tensorboard"]  # tensorboard is a test dependency
     assert _trackers("tensorboard") == ["tensorboard"]

@@ -18,7 +18,8 @@ from huggingface_hub.utils import filter_repo_objects
 import hf_vit.hub as hub
 from hf_vit import push
 from hf_vit.errors import UserError
-from hf_vit.hub import HubPusher, download_checkpoint, latest_checkpoint
+from hf_vit.checkpoint import complete_checkpoints
+from hf_vit.hub import HubPusher, download_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_SECRETtokenDoNotLeak1234"
@@ -33,7 +34,7 @@ FINAL = {
     "loss.png",
     "log_history.json",
 }
-CHECKPOINT = {"model.safetensors", "config.json", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
+CHECKPOINT = {"model.safetensors", "config.json", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"}
 
 
 @dataclass
@@ -240,11 +241,13 @@ def test_from_config_reads_training_settings():
         HubPusher.from_config(cfg)
 
 
-def test_latest_checkpoint_is_the_highest_complete_step(tmp_path):
-    assert latest_checkpoint(tmp_path) is None
-    for name in ("checkpoint-9", "checkpoint-10", "checkpoint-11.tmp", "checkpoint-x"):
+def test_the_pushed_checkpoint_is_the_highest_complete_step(tmp_path):
+    assert complete_checkpoints(tmp_path) == []
+    for name in ("checkpoint-9", "checkpoint-10", "checkpoint-11.tmp", "checkpoint-x", "checkpoint-12"):
         (tmp_path / name).mkdir()
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+        if name != "checkpoint-12":  # a folder without its state file is still being written
+            (tmp_path / name / "trainer_state.json").write_text("{}")
+    assert complete_checkpoints(tmp_path)[-1] == tmp_path / "checkpoint-10"
 
 
 def test_push_cli_pushes_final_files_and_latest_complete_checkpoint(run_dir, monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
-from hf_vit.evaluation import compute_metrics, format_results_table
+from hf_vit.scoring import compute_metrics, format_results_table
 from hf_vit.metrics import METRIC_NAMES, METRICS_DIR, load_metric
 
 NUM_LABELS = 7

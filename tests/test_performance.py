@@ -20,8 +20,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from conftest import REPO, TINY_ARGS, run_script
 from hf_vit.config import DataArguments, parse_config
-from hf_vit.data import ExampleStream, ImageSpec, example_key, load_splits, to_rgb
-from hf_vit.device_data import DeviceTrainData, decode_split
+from hf_vit.data import ImageSpec, example_key, load_splits, to_rgb
+from hf_vit.data.device_data import DeviceTrainData, decode_split
+from hf_vit.data.loader import ExampleStream
 from hf_vit.errors import UserError
 
 SEED = 7
@@ -191,7 +192,7 @@ def test_unsupported_uses_are_one_line_errors(cifar_small, cifar10_path):
 
 
 def test_too_large_for_memory_is_refused_before_decoding(cifar_small, monkeypatch):
-    monkeypatch.setattr("hf_vit.device_data.MAX_MEMORY_FRACTION", 1e-12)
+    monkeypatch.setattr("hf_vit.data.device_data.MAX_MEMORY_FRACTION", 1e-12)
     with pytest.raises(UserError, match="fit in memory"):
         _device_data(cifar_small)
 

@@ -28,22 +28,23 @@ full-resolution image, which is what does not fit in memory. Evaluation stays on
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import numpy as np
-import PIL.Image
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .config import DataArguments
-from .data import DecodeCollate, ImageSpec, example_key, to_rgb
-from .errors import UserError
+from ..config import DataArguments
+from ..errors import UserError
+from .decoding import open_image, to_rgb
+from .keys import epoch_generator, epoch_order, example_key, position_seed
+from .loader import DecodeCollate
+from .transforms import ImageSpec, random_erasing
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ def _to_uint8_tensor(img) -> torch.Tensor:
 
 
 def _decode_jpeg_fast(image: dict) -> torch.Tensor | None:
-    """A colour JPEG's pixels through torchvision's decoder (libjpeg-turbo without PIL's Python header parsing: ~3x
-    faster on CIFAR, bit-identical to PIL); None for anything else, which then takes the loader's path."""
+    """A colour JPEG's pixels through torchvision's decoder (libjpeg-turbo without PIL's Python header parsing: faster
+    on small images, bit-identical to PIL); None for anything else, which then takes the loader's path."""
     data = image.get("bytes")
     if not data or data[:2] != b"\xff\xd8":
         return None
@@ -129,12 +130,10 @@ def decode_split(ds: datasets.Dataset, image_column: str, label_column: str, num
 
 
 class DeviceTrainData:
-    """The train split on the device, iterated as this rank's micro-batches of one epoch.
-
-    It stands in for both the ``ExampleStream`` and the loader of the train split: ``set_epoch(epoch,
-    skip_micro_batches)`` before each ``iter()``, ``micro_batches_per_epoch(n)``, and batches shaped like
-    ``DecodeCollate``'s (``pixel_values`` uint8 (B, 3, S, S) and ``labels`` already on the device, ``bad_keys``,
-    ``num_examples``) plus ``indices``, the dataset positions of the batch (on the CPU).
+    """The train split on the device, iterated as this rank's micro-batches of one epoch: the
+    :class:`hf_vit.data.factory.TrainData` contract (``num_micro_batches``, ``layout``, ``set_epoch(epoch,
+    skip_micro_batches)`` before each ``iter()``), with batches that also carry ``indices``, the dataset positions
+    of the batch (on the CPU).
     """
 
     def __init__(self, ds, image_column: str, label_column: str, num_classes: int, spec: ImageSpec,
@@ -150,6 +149,9 @@ class DeviceTrainData:
         self.block, self.rank, self.world, self.seed = block_size, rank, world, seed
         self.size, self.padding = spec.image_size, spec.crop_padding
         self.epoch, self.skip = 0, 0
+        self.num_micro_batches = self.micro_batches_per_epoch(len(ds))
+        # One consumer per process: it shards like a loader without workers.
+        self.layout = {"num_processes": world, "dataloader_num_workers": 0, "per_device_train_batch_size": block_size}
         self._check_fits(ds, image_column, spec.image_size)
         images, labels, self.keys, self.bad = decode_split(ds, image_column, label_column, num_classes,
                                                            spec.image_size, decode_threads)
@@ -163,8 +165,7 @@ class DeviceTrainData:
             self.valid[list(self.bad)] = False
         self.enhanced = None
         if args.augmentation == "enhanced":
-            erasing = [v2.RandomErasing(p=args.random_erasing_prob, value=[round(255 * m) for m in spec.mean])] \
-                if args.random_erasing_prob > 0 else []
+            erasing = [random_erasing(spec, args.random_erasing_prob)] if args.random_erasing_prob > 0 else []
             self.enhanced = v2.Compose([v2.TrivialAugmentWide(), *erasing])
         logger.info("data_on_device: %d train images decoded into a %s uint8 tensor on %s (%.0f MB)", len(ds),
                     tuple(self.images.shape), self.device, self.images.numel() / 2**20)
@@ -173,7 +174,7 @@ class DeviceTrainData:
         """Refuse early (before decoding everything) when the decoded split clearly cannot fit."""
         first = ds[0][image_column]
         try:
-            with PIL.Image.open(io.BytesIO(first["bytes"]) if first.get("bytes") else first["path"]) as img:
+            with open_image(first) as img:
                 w, h = img.size
         except (OSError, ValueError, TypeError):
             w = h = image_size
@@ -186,7 +187,7 @@ class DeviceTrainData:
                 "datasets that fit in memory (CIFAR-10: 0.15 GiB) — drop --data_on_device"
             )
 
-    # --------------------------------------------------------------------------------- the ExampleStream contract
+    # ---------------------------------------------------------------------------------------- the TrainData contract
     @property
     def consumers(self) -> int:
         return self.world  # one consumer per process: there are no loader workers
@@ -202,12 +203,11 @@ class DeviceTrainData:
 
     def epoch_order(self) -> torch.Tensor:
         """The epoch's permutation of dataset positions — ``ExampleStream``'s, from (seed, epoch)."""
-        return torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 1_000_003
-                                                                                         + self.epoch))
+        return epoch_order(len(self.images), self.seed, self.epoch)
 
     def epoch_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop offsets (N, 2) and flip flags (N,) for every position of the epoch order, from (seed, epoch)."""
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 2 + 1)
+        g = epoch_generator(self.seed, self.epoch, stream=1)
         offsets = torch.randint(0, 2 * self.padding + 1, (len(self.images), 2), generator=g)
         flips = torch.rand(len(self.images), generator=g) < 0.5
         return offsets, flips
@@ -252,7 +252,7 @@ class DeviceTrainData:
         if self.enhanced is not None and b:
             with torch.random.fork_rng(devices=[]):
                 # v2 draws its parameters from the global CPU generator; seed it by (seed, epoch, position).
-                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + start)
+                torch.manual_seed(position_seed(self.seed, self.epoch, start))
                 images = torch.cat([self.enhanced(chunk) for chunk in images.split(ENHANCED_CHUNK)])
         return images
 

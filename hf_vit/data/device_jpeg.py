@@ -1,13 +1,12 @@
 """JPEG decoding on the accelerator for ImageNet-style training (``decode_on_device: true``).
 
-On a GPU machine the loader cores can bound ViT-B/16 training on ImageNet: the target of about 3,400 images/s per H200
-takes 3.3 cores per GPU decoding and cropping at ~1,030 images/s each, 5.3 with enhanced augmentation (measured on a
-2-core EPYC, docs/scaling.md) — more than many GPU nodes have to spare. With this option the workers no longer decode
-plain JPEGs: they read the bytes, draw the example's random-resized-crop box and flip from its header size (the same
-draws, from the same per-example seed, as the CPU path), and hand over the bytes with that plan. On the device a whole
-micro-batch is decoded in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA), then each image
-is cropped, resized with antialiasing, flipped and — with ``augmentation: enhanced`` — augmented with the rest of the
-train transform, its RNG re-seeded from the same per-example seed. Everything that is not a plain RGB or grey JPEG
+On a GPU machine the loader cores can bound ViT-B/16 training on ImageNet: decoding and cropping for one GPU takes
+several cores (docs/scaling.md counts them), more than many GPU nodes have to spare. With this option the workers no
+longer decode plain JPEGs: they read the bytes, draw the example's random-resized-crop box and flip from its header size
+(the same draws, from the same per-example seed, as the CPU path), and hand over the bytes with that plan. On the device
+a whole micro-batch is decoded in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA), then each
+image is cropped, resized with antialiasing, flipped and — with ``augmentation: enhanced`` — augmented with the rest of
+the train transform, its RNG re-seeded from the same per-example seed. Everything that is not a plain RGB or grey JPEG
 (PNG, CMYK, a file without its end-of-image marker) still takes the CPU path in the worker, as do all eval images.
 
 On a CPU "device" (no accelerator) the decoder is libjpeg-turbo, the crop and resize are the same kernels, and the RNG
@@ -19,16 +18,17 @@ is dropped from the batch and reported in ``bad_keys``, as the loader does.
 
 from __future__ import annotations
 
-import io
 from typing import NamedTuple
 
-import PIL.Image
 import torch
 from torchvision import transforms as tv_transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from .data import DecodeCollate, RandomResizedCropDecode, _augmentation_seed, _encoded_jpeg, example_key
+from .decoding import encoded_jpeg, open_image
+from .keys import augmentation_seed, example_key
+from .loader import DecodeCollate
+from .transforms import RandomResizedCropDecode
 
 
 def split_train_transform(transform: v2.Compose) -> tuple[RandomResizedCropDecode, v2.RandomHorizontalFlip, list]:
@@ -78,16 +78,16 @@ class JpegPlanCollate(DecodeCollate):
             return None
         try:
             label = int(example[self.label_column])
-            img = PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"])
+            img = open_image(image)
         except Exception:  # noqa: BLE001 - a missing label or an unreadable header: the CPU path reports it
             return None
         if not 0 <= label < self.num_classes:
             return None  # DecodeCollate reports it
-        data = _encoded_jpeg(img)
+        data = encoded_jpeg(img)
         if data is None or not data.endswith(b"\xff\xd9") or not img.width or not img.height:
             return None
         key = example_key(image)
-        seed = _augmentation_seed(key, self.seed, self.epoch)
+        seed = augmentation_seed(key, self.seed, self.epoch)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             box, flip = _draws(img, self.crop, self.flip)

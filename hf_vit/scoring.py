@@ -1,7 +1,8 @@
-"""Classification metrics from gathered logits, computed through the packaged ``evaluate`` modules.
+"""Evaluation: score a classifier on eval data across processes, and its metrics through the packaged ``evaluate``
+modules.
 
-The training loop and the eval command gather the logits of every process first (``gather_for_metrics``) and then
-call :func:`compute_metrics` once, on the full evaluation set.
+The training loop and the eval command (``python -m hf_vit.eval``) both call :func:`evaluate_classifier`: the logits
+of every process are gathered once at the end, and :func:`compute_metrics` runs once, on the full evaluation set.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import evaluate
 import numpy as np
+import torch
 
 from hf_vit.metrics import load_metric
 
@@ -116,3 +118,55 @@ def format_results_table(results: dict[str, Any], label_names: list[str] | None 
             row = per_class[name]
             lines.append(f"| {_cell(name)} | " + " | ".join(_cell(row[column]) for column in columns) + " |")
     return "\n".join(lines)
+
+
+def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: torch.Tensor,
+                        label_names: list[str]) -> dict:
+    """Evaluate ``model`` over ``eval_data`` (device batches, :class:`hf_vit.data.EvalData`) exactly once across
+    processes; returns :func:`compute_metrics`'s dict plus ``loss`` (mean cross-entropy) and ``samples``.
+
+    Ranks may hold different numbers of eval examples, and the batches come from our own sharding rather than a
+    loader accelerate prepared, so accelerate's ``gather_for_metrics`` cannot know what to drop: predictions are
+    gathered once at the end (padded, then unpadded by the per-rank counts).
+    """
+    from .data import normalize
+
+    model.eval()
+    device = accelerator.device
+    logits_all, labels_all, loss_sum = [], [], 0.0
+    with torch.no_grad():
+        for batch in eval_data:
+            if not len(batch["labels"]):
+                continue
+            with accelerator.autocast():
+                logits = model(pixel_values=normalize(batch["pixel_values"], mean, std)).logits.float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            logits_all.append(logits)
+            labels_all.append(batch["labels"])
+    logits = torch.cat(logits_all) if logits_all else torch.zeros(0, len(label_names), device=device)
+    labels = torch.cat(labels_all) if labels_all else torch.zeros(0, dtype=torch.long, device=device)
+    counts = accelerator.gather(torch.tensor([len(labels)], device=device)).tolist()
+    logits = accelerator.gather(accelerator.pad_across_processes(logits, dim=0))
+    labels = accelerator.gather(accelerator.pad_across_processes(labels, dim=0))
+    loss_total = accelerator.reduce(torch.tensor([loss_sum], device=device), "sum").item()
+    # Unpad: each rank contributed max(counts) rows, of which its own count are real.
+    width = max(counts) if counts else 0
+    if width:
+        keep = torch.cat([torch.arange(r * width, r * width + c) for r, c in enumerate(counts)])
+        logits, labels = logits[keep], labels[keep]
+    n = int(sum(counts))
+    metrics = compute_metrics(logits.cpu().numpy(), labels.cpu().numpy(), label_names)
+    metrics["loss"] = loss_total / max(1, n)
+    metrics["samples"] = n
+    return metrics
+
+
+def top_k_accuracy(metrics: dict) -> float:
+    """The top-k accuracy of :func:`compute_metrics`'s dict (k = 5, or the class count when there are fewer)."""
+    return next(v for k, v in metrics.items() if k.startswith("top") and k.endswith("_accuracy"))
+
+
+def eval_results(metrics: dict, prefix: str = "eval_") -> dict:
+    """The headline figures of :func:`evaluate_classifier`'s dict, named as in ``all_results.json``."""
+    return {f"{prefix}accuracy": metrics["accuracy"], f"{prefix}top5_accuracy": top_k_accuracy(metrics),
+            f"{prefix}loss": metrics["loss"], f"{prefix}samples": metrics["samples"]}

@@ -1,0 +1,327 @@
+"""Datasets and splits: open a Hub or local image-classification dataset, find its columns, carve the validation
+split and the ``train_fraction`` subset by example key, and settle the number of training examples per epoch.
+
+Membership is decided by keys, not positions: the ``train_val_split`` carve-out and the ``train_fraction`` subset hash
+each example's key (:func:`~hf_vit.data.keys.example_key`) with a seed, so the same examples are chosen in map-style
+and streaming mode, with any number of processes or workers, on any machine. Images are left undecoded here (the
+loader workers or the device decode them).
+
+The LR schedule needs the examples per epoch: the split's length (map-style), else ``train_samples``, else an exact
+count over the example keys of a local dataset (no decoding), else the Hub metadata (an estimate when
+``train_val_split``/``train_fraction`` filter the stream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+
+from ..config import DataArguments
+from ..errors import UserError
+from ..hub import is_local_path
+from .keys import example_key, in_subset, in_validation
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("image", "img")
+LABEL_COLUMNS = ("label", "labels", "fine_label")
+
+
+@dataclass
+class DataSplits:
+    """What the loop needs from the data stage."""
+
+    train: datasets.Dataset | datasets.IterableDataset
+    eval: datasets.Dataset | datasets.IterableDataset | None
+    label_names: list[str]
+    image_column: str
+    label_column: str
+    num_train_examples: int  # examples per epoch, for the LR schedule
+    num_train_examples_source: str  # where that number came from (logged)
+    num_eval_examples: int | None = None
+    info: dict = field(default_factory=dict)
+
+
+def open_dataset(args: DataArguments) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """Every split of ``args.dataset_name`` (a Hub id, a local Hub-style folder, or a ``save_to_disk`` folder), streamed
+    when ``args.streaming``; a path that does not exist or a dataset that cannot load is a one-line error."""
+    name = os.path.expanduser(args.dataset_name)
+    if is_local_path(name) and not os.path.exists(name):
+        raise UserError(f"dataset path {args.dataset_name!r} does not exist; pass an existing folder or a Hub id")
+    try:
+        if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+            loaded = datasets.load_from_disk(name)  # written by save_to_disk
+            if args.streaming:
+                loaded = datasets.IterableDatasetDict(
+                    {k: v.to_iterable_dataset(num_shards=max(1, min(64, len(v) // 1000))) for k, v in loaded.items()})
+            return loaded
+        return datasets.load_dataset(name, args.dataset_config_name, streaming=args.streaming)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+        where = "local folder" if os.path.exists(name) else "Hub (unreachable offline: pass a local path instead)"
+        raise UserError(
+            f"cannot load dataset {args.dataset_name!r} from the {where}: {str(err).splitlines()[0]}") from None
+
+
+def find_column(columns: list[str], requested: str | None, candidates: tuple[str, ...], what: str) -> str:
+    """The requested column, or the single known name present; errors list the columns that exist."""
+    if requested:
+        if requested not in columns:
+            raise UserError(f"{what} column {requested!r} not found; the dataset has columns {columns}: pass one of "
+                            f"them as --{what}_column_name")
+        return requested
+    found = [c for c in candidates if c in columns]
+    if not found:
+        raise UserError(
+            f"no {what} column found (looked for {list(candidates)}); the dataset has columns {columns}: "
+            f"pass --{what}_column_name"
+        )
+    if len(found) > 1:
+        raise UserError(f"ambiguous {what} column: {found} all exist (columns {columns}); pass --{what}_column_name")
+    return found[0]
+
+
+def local_data_files(args: DataArguments, split: str) -> list[str]:
+    name = os.path.expanduser(args.dataset_name)
+    if not os.path.isdir(name) or os.path.isfile(os.path.join(name, "dataset_dict.json")):
+        return []
+    try:
+        builder = datasets.load_dataset_builder(name, args.dataset_config_name)
+        return [str(f) for f in (builder.config.data_files or {}).get(split, [])]
+    except Exception:  # noqa: BLE001 - only an optimisation; callers fall back to a pass over the data
+        return []
+
+
+def count_rows(args: DataArguments, split: str, ds) -> tuple[int | None, str]:
+    """Examples in a split: its length, else the dataset metadata, else the parquet footers of local files."""
+    if isinstance(ds, datasets.Dataset):
+        return len(ds), "dataset length"
+    info = ds.info.splits.get(split) if ds.info and ds.info.splits else None
+    if info is not None and info.num_examples:
+        return info.num_examples, "dataset metadata"
+    files = local_data_files(args, split)
+    if files and all(f.endswith(".parquet") for f in files):
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files), "parquet metadata"
+    return None, "unknown"
+
+
+def split_examples(args: DataArguments, split: str, ds, image_col: str, label_col: str):
+    """Yield ``(key, label)`` for every example of a split without decoding an image.
+
+    Reads only the path and label columns where it can — a map-style split's Arrow table, or local parquet files —
+    and the bytes only of rows without a path; otherwise it makes one pass over the (undecoded) image column.
+    """
+    def from_table(paths, labels, read_bytes):
+        paths, labels, raw = paths.to_pylist(), labels.to_pylist(), None
+        for i, p in enumerate(paths):
+            if not p and raw is None:
+                raw = read_bytes()
+            yield example_key({"path": p, "bytes": None if p else raw[i].as_py()}), labels[i]
+
+    def struct_field(column, name):
+        # pyarrow returns a projected nested column either as the struct or as the child itself
+        column = column.combine_chunks()
+        return column.field(name) if hasattr(column, "field") else column
+
+    if isinstance(ds, datasets.Dataset) and ds._indices is None:
+        column = ds.data.column(image_col)
+        yield from from_table(struct_field(column, "path"), ds.data.column(label_col),
+                              lambda: struct_field(column, "bytes"))
+        return
+    files = local_data_files(args, split)
+    if files and all(f.endswith(".parquet") for f in files):
+        import pyarrow.parquet as pq
+
+        for f in files:
+            table = pq.read_table(f, columns=[f"{image_col}.path", label_col])
+            yield from from_table(struct_field(table.column(0), "path"), table.column(1),
+                                  lambda: struct_field(pq.read_table(f, columns=[f"{image_col}.bytes"]).column(0),
+                                                       "bytes"))
+        return
+    for batch in ds.select_columns([image_col, label_col]).iter(batch_size=1000):
+        for image, label in zip(batch[image_col], batch[label_col]):
+            yield example_key(image), label
+
+
+def open_train(args: DataArguments, loaded=None):
+    """Load the dataset (unless ``loaded`` already holds it) and find the train split's image and label columns
+    (errors list what exists)."""
+    loaded = open_dataset(args) if loaded is None else loaded
+    splits = list(loaded.keys())
+    if args.train_split not in loaded:
+        raise UserError(f"split {args.train_split!r} not found; the dataset has splits {splits} (set --train_split)")
+    if args.eval_split and args.eval_split not in loaded:
+        raise UserError(f"split {args.eval_split!r} not found; the dataset has splits {splits} (set --eval_split)")
+    raw_train = loaded[args.train_split]
+    if raw_train.features is None and isinstance(raw_train, datasets.IterableDataset):
+        raw_train = raw_train._resolve_features()  # some streamed datasets only know their columns after a peek
+    columns = list(raw_train.features.keys()) if raw_train.features else list(raw_train.column_names or [])
+    image_col = find_column(columns, args.image_column_name, IMAGE_COLUMNS, "image")
+    label_col = find_column(columns, args.label_column_name, LABEL_COLUMNS, "label")
+    label_feature = raw_train.features[label_col]
+    if not isinstance(label_feature, datasets.ClassLabel):
+        raise UserError(
+            f"label column {label_col!r} is {label_feature}, not a ClassLabel; cast it with "
+            "dataset.cast_column(label, ClassLabel(names=[...])) so the class names are known"
+        )
+    if not isinstance(raw_train.features[image_col], datasets.Image):
+        raise UserError(f"column {image_col!r} is {raw_train.features[image_col]}, not an Image; "
+                        f"pass --image_column_name (the dataset has columns {columns})")
+    return loaded, raw_train, image_col, label_col, list(label_feature.names)
+
+
+def undecoded(ds, image_col: str, label_col: str):
+    """Images left undecoded (the loader workers decode them), only the two columns kept."""
+    ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    keep = [image_col, label_col]
+    return ds.remove_columns([c for c in ds.column_names if c not in keep]) if ds.column_names else ds
+
+
+def load_splits(args: DataArguments, seed: int, loaded=None) -> DataSplits:
+    """Load train/eval splits with images left undecoded (decoding happens in the loader workers).
+
+    Also settles the number of training examples per epoch (for the LR schedule) and says where it came from: the
+    length of a map-style split; when streaming, ``train_samples`` if given, else an exact count over the keys of a
+    local dataset, else the Hub metadata (an estimate once ``train_val_split``/``train_fraction`` filter the stream).
+    ``loaded``: the result of :func:`open_dataset` when the caller has already opened the dataset.
+    """
+    loaded, raw_train, image_col, label_col, label_names = open_train(args, loaded)
+
+    def prepare(ds):
+        return undecoded(ds, image_col, label_col)
+
+    train = prepare(raw_train)
+    streaming = not isinstance(train, datasets.Dataset)
+    n_total, source = count_rows(args, args.train_split, raw_train)
+    eval_ds, n_eval, val_frac = None, None, 0.0
+    if args.eval_split:
+        eval_ds = prepare(loaded[args.eval_split])
+        n_eval, _ = count_rows(args, args.eval_split, loaded[args.eval_split])
+    elif args.train_val_split > 0:
+        # Carve validation by a hash of each example's key: the same slice in map-style and streaming mode, on any
+        # number of processes, every run with the same seed.
+        if args.train_val_split >= 1 and n_total is None:
+            raise UserError("train_val_split given as a count needs the size of the train split, which is unknown "
+                            "here; give it as a fraction (e.g. 0.02) or pass an eval_split")
+        val_frac = args.train_val_split if args.train_val_split < 1 else args.train_val_split / n_total
+        eval_ds = train.filter(lambda img: in_validation(example_key(img), val_frac, seed), input_columns=[image_col])
+        train = train.filter(lambda img: not in_validation(example_key(img), val_frac, seed),
+                             input_columns=[image_col])
+    if args.train_fraction < 1:
+        train = select_subset(train, image_col, args.train_fraction, args.subset_seed)
+
+    n_train = None
+    if not streaming:
+        n_train, source = len(train), "dataset length" + (" after the subset/validation filters"
+                                                           if val_frac or args.train_fraction < 1 else "")
+        n_eval = len(eval_ds) if isinstance(eval_ds, datasets.Dataset) else n_eval
+    elif args.train_samples is not None:
+        n_train, source = args.train_samples, "train_samples"
+    elif os.path.isdir(os.path.expanduser(args.dataset_name)) and (val_frac or args.train_fraction < 1
+                                                                   or n_total is None):
+        # A local stream: count exactly (keys only, nothing decoded), so the epoch length is not an estimate.
+        n_train = n_val = 0
+        for key, _ in split_examples(args, args.train_split, prepare(raw_train), image_col, label_col):
+            if val_frac and in_validation(key, val_frac, seed):
+                n_val += 1
+            elif in_subset(key, args.train_fraction, args.subset_seed):
+                n_train += 1
+        source = "counted over the keys of the local files"
+        n_eval = n_val if val_frac else n_eval
+    elif n_total is not None:
+        n_train = n_total
+        if val_frac or args.train_fraction < 1:
+            n_train = round(n_total * (1 - val_frac) * args.train_fraction)
+            n_eval = round(n_total * val_frac) if val_frac else n_eval
+            source += (f" x {1 - val_frac:.4g} (validation carve-out) x {args.train_fraction:.4g} (train_fraction), "
+                       "an estimate")
+            logger.warning("%d training examples per epoch is an estimate (%s); set --train_samples to the exact "
+                           "count (`python -m hf_vit.data describe` prints it as selected_examples)", n_train, source)
+    if args.max_train_samples is not None:
+        train = train.select(range(min(len(train), args.max_train_samples))) if not streaming \
+            else train.take(args.max_train_samples)
+        n_train = min(n_train, args.max_train_samples) if n_train is not None else args.max_train_samples
+        source += ", capped by max_train_samples"
+    if eval_ds is not None and args.max_eval_samples is not None:
+        eval_ds = eval_ds.select(range(min(len(eval_ds), args.max_eval_samples))) \
+            if isinstance(eval_ds, datasets.Dataset) else eval_ds.take(args.max_eval_samples)
+        n_eval = min(n_eval, args.max_eval_samples) if n_eval is not None else args.max_eval_samples
+    if n_train is None:
+        raise UserError(
+            f"the number of training examples per epoch of {args.dataset_name!r} is unknown when streaming; "
+            "set --train_samples (used for the LR schedule)"
+        )
+    info = {"num_examples_in_split": n_total, "validation_fraction": val_frac}
+    return DataSplits(train, eval_ds, label_names, image_col, label_col, n_train, source, n_eval, info)
+
+
+def select_subset(ds, image_col: str, fraction: float, subset_seed: int):
+    """Keep the examples whose key hashes below ``fraction`` — the same examples in any mode, process count or
+    machine (the seed's ~2/3 ImageNet subset is ``train_fraction 0.69``)."""
+    return ds.filter(lambda img: in_subset(example_key(img), fraction, subset_seed), input_columns=[image_col])
+
+
+def describe(args: DataArguments) -> dict:
+    """JSON-able summary of the training split and of its ``train_fraction`` subset, without decoding an image.
+
+    ``subset_fingerprint`` is a SHA-256 over the sorted keys of the selected examples: two users whose fingerprints
+    match train on the same examples (before the ``train_val_split`` carve-out, which then depends on ``seed``).
+    """
+    _, raw_train, image_col, label_col, label_names = open_train(args)
+    counts = [0] * len(label_names)
+    selected, total, bad_labels = [], 0, 0
+    for key, label in split_examples(args, args.train_split, undecoded(raw_train, image_col, label_col), image_col,
+                                     label_col):
+        total += 1
+        if in_subset(key, args.train_fraction, args.subset_seed):
+            selected.append(key)
+            if label is not None and 0 <= label < len(label_names):
+                counts[label] += 1
+            else:
+                bad_labels += 1
+    selected.sort()
+    hasher = hashlib.sha256()
+    for key in selected:
+        hasher.update(key.encode() + b"\n")
+    summary = {
+        "dataset_name": args.dataset_name,
+        "split": args.train_split,
+        "streaming": args.streaming,
+        "num_examples": total,
+        "num_classes": len(label_names),
+        "train_fraction": args.train_fraction,
+        "subset_seed": args.subset_seed,
+        "selected_examples": len(selected),
+        "class_counts": dict(zip(label_names, counts)),
+        "subset_fingerprint": hasher.hexdigest(),
+    }
+    duplicates = len(selected) - len(set(selected))
+    if duplicates:
+        summary["duplicate_keys"] = duplicates  # examples that share a path: they are kept or dropped together
+    if bad_labels:
+        summary["labels_out_of_range"] = bad_labels
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hf_vit.data describe --dataset_name NAME [--train_fraction F] [--streaming]``: print
+    :func:`describe` as JSON."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "describe":
+        raise UserError("usage: python -m hf_vit.data describe --dataset_name NAME [--train_fraction F] [--streaming]")
+    parser = HfArgumentParser(DataArguments)
+    parser.error = lambda message: (_ for _ in ()).throw(UserError(message))
+    (args,) = parser.parse_args_into_dataclasses(argv[1:])
+    if not 0 < args.train_fraction <= 1:
+        raise UserError(f"train_fraction must be in (0, 1] (got {args.train_fraction})")
+    print(json.dumps(describe(args), indent=2))
+

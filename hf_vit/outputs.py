@@ -1,0 +1,63 @@
+"""What a finished run leaves in ``output_dir``: the model and its image processor, ``all_results.json``,
+``eval_results.json``, ``log_history.json``, the plots and the model card (the README's "What a run leaves").
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .errors import UserError
+from .scoring import eval_results
+
+RUN_MARKERS = ("train_config.yaml", "all_results.json")
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
+    """Refuse to write into a folder that holds another run, unless overwriting or resuming it."""
+    out = Path(output_dir)
+    if not out.is_dir() or resuming or overwrite:
+        return
+    if any((out / m).exists() for m in RUN_MARKERS) or ckpt.complete_checkpoints(str(out)):
+        raise UserError(
+            f"output_dir {str(out)!r} already holds a run; pass --overwrite_output_dir, "
+            "--resume_from_checkpoint latest, or choose another folder"
+        )
+
+
+def hardware_description(accelerator) -> str:
+    """The processes, device and precision a run used, for the model card."""
+    device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "CPU"
+    return (f"{accelerator.num_processes} x {device} ({platform.processor() or platform.machine()}), "
+            f"mixed_precision={accelerator.mixed_precision}")
+
+
+def write_final_outputs(output_dir: str, model, state_dict, processor, results: dict, eval_metrics: dict | None,
+                        final_weights: str, log_history: list, label_names: list[str], config: dict,
+                        hardware: str) -> None:
+    """Write every final file of a run (main process only): ``model`` with ``state_dict`` (None: the model's own),
+    ``results`` as all_results.json, ``eval_metrics`` (:func:`hf_vit.scoring.evaluate_classifier`'s dict, or None
+    when there was no evaluation) as eval_results.json and the confusion-matrix plot, the log history and its
+    learning curve, and the model card."""
+    from .report import plot_confusion_matrix, plot_learning_curve, write_model_card
+
+    out = Path(output_dir)
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    processor.save_pretrained(out)
+    with open(out / "all_results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    with open(out / "log_history.json", "w") as f:
+        json.dump(log_history, f, indent=1)
+    if eval_metrics is not None:
+        details = {**eval_results(eval_metrics), "eval_weights": final_weights, "per_class": eval_metrics["per_class"],
+                   "confusion_matrix": eval_metrics["confusion_matrix"]}
+        with open(out / "eval_results.json", "w") as f:
+            json.dump(details, f, indent=2)
+        plot_confusion_matrix(eval_metrics["confusion_matrix"], label_names, out / "confusion_matrix.png")
+    plot_learning_curve(log_history, out / "learning_curve.png")
+    write_model_card(out, config, results, label_names, hardware, results["train_runtime"], config["dataset_name"],
+                     config.get("model_name_or_path") or config.get("model_preset"))

@@ -1,0 +1,139 @@
+"""Process concerns shared by the commands: logging, the Accelerator and its trackers, the main process going first,
+DeepSpeed's missing settings, and the preemption signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+
+from .errors import UserError
+
+logger = logging.getLogger("hf_vit")
+
+# Libraries whose INFO lines drown the run's own.
+NOISY_LOGGERS = ("httpx", "urllib3", "filelock", "fsspec", "accelerate")
+
+
+def is_main_process_env() -> bool:
+    """Whether this is rank 0 of a launch, known before any Accelerator exists (from the launcher's RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def setup_logging() -> None:
+    """INFO on the main process, warnings and errors on the others; quiet HTTP and file-lock chatter."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if is_main_process_env() else logging.WARNING)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cpu_only_distributed() -> bool:
+    """True for a multi-process launch on a machine without GPUs: accelerate then needs ``cpu=True`` to pick
+    MULTI_CPU (gloo); without it each process would silently train alone."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def trackers(report_to: str) -> list[str] | str | None:
+    """accelerate's ``log_with`` for ``report_to`` (a comma list, all, none or auto = tensorboard if installed)."""
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return None
+        return ["tensorboard"]
+    if report_to == "all":
+        return "all"
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    # accelerate silently drops a tracker whose package is missing; a run asked to log somewhere must not.
+    names = [r.strip() for r in report_to.split(",") if r.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(f"report_to {name!r} is not a tracker; choose from {sorted(LOGGER_TYPE_TO_CLASS)}, "
+                            "all, none or auto")
+        if name not in available:
+            raise UserError(f"report_to {name!r} needs the {name} package, which is not installed; install it or "
+                            "pass --report_to none")
+    return names
+
+
+def build_accelerator(mixed_precision: str | None, report_to: str = "none", project_dir: str | None = None,
+                      gradient_accumulation_steps: int = 1) -> Accelerator:
+    """The Accelerator of a command: the launcher's topology, ``mixed_precision`` (None: the launcher's setting)."""
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=trackers(report_to),
+        project_dir=project_dir,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        # Batches are sharded by our own rule (hf_vit.data.loader); accelerate never re-shards or dispatches them.
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
+        step_scheduler_with_optimizer=False,
+        cpu=cpu_only_distributed(),
+    )
+
+
+@contextlib.contextmanager
+def main_process_first(state):
+    """The main process runs the block first (e.g. builds the datasets cache), the others then reuse its work.
+
+    Unlike accelerate's ``main_process_first``, the main process reaches the barrier even when the block fails, so
+    the other processes meet the same one-line error instead of a broken connection.
+    """
+    if not state.is_main_process:
+        state.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if state.is_main_process:
+            state.wait_for_everyone()
+
+
+def configure_deepspeed(ds_config: dict, train_args) -> None:
+    """Fill in what DeepSpeed cannot learn from this loop (in place; docs/scaling.md, "DeepSpeed ZeRO-2").
+
+    The loop hands accelerate no dataloader (it shards batches itself), so the micro-batch cannot stay "auto"; the
+    engine steps inside ``accelerator.backward`` on every micro-batch, so the loop's own accumulation would step it K
+    times per step: the global batch must come from processes x per-device batch alone; and clipping is the
+    engine's, so it gets ``max_grad_norm`` (0 turns it off in DeepSpeed).
+    """
+    if train_args.gradient_accumulation_steps != 1:
+        raise UserError(
+            f"gradient_accumulation_steps={train_args.gradient_accumulation_steps} cannot be used under DeepSpeed "
+            "(its engine steps on every micro-batch); keep it at 1 so that total_train_batch_size is split over the "
+            "processes alone, or launch with DDP or FSDP"
+        )
+    ds_config["train_micro_batch_size_per_gpu"] = train_args.per_device_train_batch_size
+    ds_config["gradient_accumulation_steps"] = 1
+    if ds_config.get("gradient_clipping", "auto") == "auto":
+        ds_config["gradient_clipping"] = float(train_args.max_grad_norm or 0.0)
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes the current step, saves a checkpoint and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logger.warning("Received %s: finishing this step, then saving a checkpoint.", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
