@@ -3,12 +3,15 @@
 A checkpoint folder holds accelerate's ``save_state`` output (model.safetensors, optimizer.bin, scaler.pt under fp16,
 one random_states_<rank>.pkl per process), ``ema.safetensors`` when an EMA is kept, the model ``config.json`` and image
 processor (so a pushed checkpoint loads on its own), and ``trainer_state.json`` (step, epoch, position in the epoch,
-counters, log history). ``trainer_state.json`` is written last and every file is flushed to disk before the rename, and
-the rename is atomic, so a ``checkpoint-<step>`` folder is always complete — after a SIGKILL, and after a power loss.
+counters, log history), then ``manifest.json`` (every file's size and SHA-256: a resume verifies it before loading
+anything, so a truncated, altered or missing file is refused). The state and manifest are written last and every file
+is flushed to disk before the rename, and the rename is atomic, so a ``checkpoint-<step>`` folder is always complete —
+after a SIGKILL, and after a power loss.
 
 Whatever must disappear (an old checkpoint beyond ``checkpoints_total_limit``, an earlier checkpoint of the same step)
 is first renamed to a ``.tmp`` name and only then deleted, so a kill during a deletion never leaves a half-deleted
-folder under a checkpoint name. Stale ``.tmp`` folders are removed at the next save.
+folder under a checkpoint name. Stale ``.tmp`` folders are removed at the next save. Only checkpoints hf_vit created
+in the folder are ever rotated or cleaned up (:mod:`hf_vit.run_dir` keeps the record).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .manifest import verify_manifest, write_manifest
+from .run_dir import created_by_hf_vit, record_created
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -94,9 +99,12 @@ def save(accelerator, output_dir: str, trainer_state: dict, model, processor, em
     """
     from safetensors.torch import save_file
 
-    tmp = Path(output_dir) / f"checkpoint-{trainer_state['global_step']}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    name = f"checkpoint-{trainer_state['global_step']}"
+    tmp = Path(output_dir) / f"{name}.tmp"
+    if accelerator.is_main_process:
+        record_created(output_dir, name)  # before it exists: a kill can never leave an unowned checkpoint
+        if tmp.exists():
+            shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     # Every rank writes its own RNG state (and, under FSDP, its shard) into tmp: finalise only once all are done.
@@ -121,6 +129,7 @@ def load(accelerator, path: str, layout: dict, ema=None) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    verify_manifest(path)  # sizes and hashes first: nothing is unpickled or deserialised from a damaged folder
     saved = read_state(path)
     saved_layout = saved.get("layout", {})
     if saved_layout.get("num_processes") != accelerator.num_processes:
@@ -169,10 +178,11 @@ def _discard(folder: Path) -> None:
 
 
 def finalize(tmp_dir: Path, state: dict) -> Path:
-    """Write the trainer state last, flush every file to disk, then atomically rename ``checkpoint-N.tmp`` to
-    ``checkpoint-N``."""
+    """Write the trainer state and the manifest last, flush every file to disk, then atomically rename
+    ``checkpoint-N.tmp`` to ``checkpoint-N``."""
     with open(tmp_dir / STATE_FILE, "w") as f:
         json.dump(state, f)
+    write_manifest(tmp_dir)
     # Without the flush a power loss after the rename can leave a complete-looking folder of empty files.
     for file in tmp_dir.rglob("*"):
         if file.is_file():
@@ -190,8 +200,10 @@ def rotate(output_dir: str, limit: int | None) -> None:
     """Delete the oldest complete checkpoints beyond ``limit`` (only ever after a new one is complete), and stale
     ``.tmp`` folders left by a kill during a save."""
     for stale in Path(output_dir).glob("checkpoint-*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if created_by_hf_vit(output_dir, stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     if limit is None or limit <= 0:
         return
-    for old in complete_checkpoints(output_dir)[:-limit]:
+    ours = [c for c in complete_checkpoints(output_dir) if created_by_hf_vit(output_dir, c.name)]
+    for old in ours[:-limit]:
         _discard(old)

@@ -82,6 +82,24 @@ def build_accelerator(mixed_precision: str | None, report_to: str = "none", proj
     )
 
 
+def on_main_process(state, fn):
+    """Run ``fn()`` on the main process only and return its result there (None elsewhere); a UserError it raises is
+    raised on every process, with the same one line, so that no rank waits for a main process that gave up."""
+    message, result = None, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except UserError as err:
+            message = str(err)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message])[0]
+    if message is not None:
+        raise UserError(message)
+    return result
+
+
 @contextlib.contextmanager
 def main_process_first(state):
     """The main process runs the block first (e.g. builds the datasets cache), the others then reuse its work.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,14 +20,16 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import RunConfig, resolve_batch_sizes, save_config, validate
+from .config import CONFIG_FILE_NAME, RunConfig, resolve_batch_sizes, save_config, validate
 from .data import (ImageSpec, batch_mixer, build_eval_data, build_image_processor, build_train_data, load_splits,
                    normalize)
 from .errors import UserError
 from .models import build_model, num_parameters, training_flops_per_image
 from .optim import EMA, build_optimizer, build_scheduler, classification_loss, is_head
-from .outputs import check_output_dir, hardware_description, write_final_outputs
-from .runtime import Preemption, build_accelerator, configure_deepspeed, main_process_first, setup_logging
+from .outputs import hardware_description, write_final_outputs
+from .run_dir import TRACKER_DIR, FinalOutputs, check_output_dir, prepare_output_dir, record_created
+from .runtime import (Preemption, build_accelerator, configure_deepspeed, main_process_first, on_main_process,
+                      setup_logging)
 from .scoring import eval_results, evaluate_classifier
 
 logger = logging.getLogger("hf_vit")
@@ -100,8 +101,11 @@ class Run:
             if self.resume_path is None:
                 logger.warning("resume_from_checkpoint=latest: no checkpoint in %s yet, starting from scratch",
                                train_args.output_dir)
-        check_output_dir(train_args.output_dir, train_args.overwrite_output_dir,
-                         resuming=train_args.resume_from_checkpoint is not None)
+        # Read-only here; the folder is locked (and, with overwrite, emptied of the previous run) only once everything
+        # else has been checked, just before the first write (_begin).
+        on_main_process(acc, lambda: check_output_dir(train_args.output_dir, train_args.overwrite_output_dir,
+                                                      resuming=train_args.resume_from_checkpoint is not None))
+        self.lock = None
         set_seed(train_args.seed)
 
         with main_process_first(acc):
@@ -204,6 +208,13 @@ class Run:
     def fit(self) -> dict:
         """Train to ``total_steps`` (or until preempted), evaluate, and write the final outputs; returns the
         results (``{"preempted": True, ...}`` when a signal stopped the run after saving a checkpoint)."""
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> dict:
         t, s = self.cfg.train, self.state
         self._begin()
         start_time, start_step = time.time(), s.global_step
@@ -348,8 +359,10 @@ class Run:
         self.pusher = HubPusher.from_config(t) if acc.is_main_process else None
         if self.resume_path:
             self.load_checkpoint(self.resume_path)
+        self.lock = on_main_process(acc, lambda: prepare_output_dir(t.output_dir, t.overwrite_output_dir,
+                                                                    resuming=t.resume_from_checkpoint is not None))
         if acc.is_main_process:
-            os.makedirs(t.output_dir, exist_ok=True)
+            record_created(t.output_dir, CONFIG_FILE_NAME, TRACKER_DIR)
             save_config(cfg, t.output_dir)
         acc.init_trackers("hf_vit", config={k: v for k, v in cfg.to_dict().items()
                                             if isinstance(v, (int, float, str, bool))})
@@ -435,8 +448,9 @@ class Run:
         # copy is a plain module on each rank.)
         state_dict = acc.get_state_dict(self.model) if final_weights == "raw" else None
         if acc.is_main_process:
-            write_final_outputs(t.output_dir, model, state_dict, self.processor, results, eval_metrics, final_weights,
-                                s.log_history, self.label_names, cfg.to_dict(), hardware_description(acc))
+            with FinalOutputs(t.output_dir) as staging:  # committed as a whole: a kill leaves the old set or the new
+                write_final_outputs(staging, model, state_dict, self.processor, results, eval_metrics, final_weights,
+                                    s.log_history, self.label_names, cfg.to_dict(), hardware_description(acc))
             if eval_metrics is not None:
                 print(f"Final eval accuracy: {eval_metrics['accuracy']:.4f} ({eval_metrics['samples']} images of "
                       f"{cfg.data.dataset_name}, {final_weights} weights)", flush=True)
