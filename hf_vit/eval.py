@@ -1,14 +1,14 @@
-"""Evaluate a ViT image classifier on one split of a dataset.
+"""Evaluate an image classifier (ViT or CNN) on one split of a dataset.
 
     python -m hf_vit.eval --model_name_or_path outputs/cifar10_vit_tiny --dataset_name uoft-cs/cifar10 \
         --eval_split test [--per_device_eval_batch_size 256] [--output_dir DIR]
     accelerate launch -m hf_vit.eval ...            # the same numbers on any number of processes
 
-The model is any checkpoint this pipeline wrote, or any ``ViTForImageClassification`` whose labels are the dataset's
-class names in the same order. Preprocessing comes from the checkpoint's own image processor, and the loop, the
-sharding and the metrics are the training loop's (``hf_vit.scoring.evaluate_classifier`` on
-``hf_vit.data.build_eval_data``), so a checkpoint scores here exactly what it scored at the end of training on the
-same images.
+The model is any checkpoint this pipeline wrote, or any ViT, ResNet or ConvNeXt image classifier whose labels are the
+dataset's class names in the same order. Preprocessing comes from the checkpoint's own image processor, and the loop,
+the sharding and the metrics are the training loop's (``hf_vit.scoring.evaluate_classifier`` on
+``hf_vit.data.build_eval_data``), so a checkpoint scores here exactly what it scored at the end of training on the same
+images.
 
 ``--train_val_split F --seed S`` evaluates the validation slice a training run with the same ``train_val_split``
 and ``seed`` carved out of ``--eval_split`` (how a train-only dataset such as CIFAR-10 is validated). Writes
@@ -28,12 +28,12 @@ from typing import Literal, Optional
 
 import torch
 from accelerate import PartialState
-from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, ViTForImageClassification
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, PreTrainedModel
 
 from .config import DataArguments
 from .data import ImageSpec, build_eval_data, load_splits, open_dataset
 from .errors import UserError, run_cli
-from .hub import is_local_path
+from .models import checkpoint_config, is_vit
 from .runtime import build_accelerator, cpu_only_distributed, main_process_first, setup_logging
 from .scoring import eval_results, evaluate_classifier, format_results_table
 
@@ -45,7 +45,8 @@ class EvalArguments:
     """What to evaluate on which data (flag names as in the HF examples and the training scripts)."""
 
     model_name_or_path: str = field(
-        metadata={"help": "Local folder or Hub id of a ViTForImageClassification with its image processor."}
+        metadata={"help": "Local folder or Hub id of an image classifier (ViT, ResNet, ConvNeXt) with its image "
+                          "processor."}
     )
     dataset_name: str = field(
         metadata={"help": "Hub dataset id, or a local path (parquet folder, imagefolder tree, or saved dataset)."}
@@ -112,29 +113,12 @@ def _data_arguments(args: EvalArguments) -> DataArguments:
     )
 
 
-def _model_config(path: str):
-    """The checkpoint's config; a missing folder, an unreachable Hub id or another model type is a one-line error."""
-    if is_local_path(path) and not os.path.isdir(path):
-        raise UserError(f"model_name_or_path {path!r} is not a folder; pass a folder written by save_pretrained "
-                        "or a Hub id")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"{path!r} holds no model (no config.json); pass a folder written by save_pretrained")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a model config from {path!r} ({str(err).splitlines()[0]}); pass a folder "
-                        "written by save_pretrained or a reachable Hub id") from None
-    if config.model_type != "vit":
-        raise UserError(f"{path!r} is a {config.model_type!r} model; hf_vit.eval evaluates ViTForImageClassification "
-                        "checkpoints")
-    return config
-
-
-def _load_model(path: str, config) -> tuple[ViTForImageClassification, object]:
+def _load_model(path: str, config) -> tuple[PreTrainedModel, object]:
     try:
         # use_safetensors: a pickle (pytorch_model.bin) is never loaded (docs/reliability.md, Security).
-        model, info = ViTForImageClassification.from_pretrained(path, config=config, output_loading_info=True,
-                                                                use_safetensors=True, attn_implementation="sdpa")
+        extra = {"attn_implementation": "sdpa"} if is_vit(config) else {}
+        model, info = AutoModelForImageClassification.from_pretrained(path, config=config, output_loading_info=True,
+                                                                      use_safetensors=True, **extra)
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"cannot load weights from {path!r}: {str(err).splitlines()[0]}") from None
     if info.get("missing_keys") or info.get("mismatched_keys"):
@@ -157,7 +141,7 @@ def evaluate(args: EvalArguments) -> dict:
     """Evaluate ``args.model_name_or_path`` on the chosen split; returns (and writes) the eval results."""
     if args.per_device_eval_batch_size < 1 or args.dataloader_num_workers < 0 or args.train_val_split < 0:
         raise UserError("per_device_eval_batch_size must be >= 1, dataloader_num_workers and train_val_split >= 0")
-    config = _model_config(args.model_name_or_path)
+    config = checkpoint_config(args.model_name_or_path)
     state = PartialState(cpu=cpu_only_distributed())
     data_args = _data_arguments(args)
     with main_process_first(state):  # the main process builds the datasets cache, the others reuse it

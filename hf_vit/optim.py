@@ -11,14 +11,21 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TrainingArguments
+from .errors import UserError
+from .models import is_vit
 
-# Parameters that get no weight decay: biases, LayerNorm weights, the position embeddings and the CLS token
-# (decaying them pulls them towards zero for no regularisation benefit).
-NO_DECAY_PATTERNS = ("bias", "layernorm", "layer_norm", "norm.", "position_embeddings", "cls_token")
+# Parameters that get no weight decay: biases, norm weights (ViT/ConvNeXt LayerNorm, ResNet's BatchNorm, named
+# "normalization"), ConvNeXt's per-channel layer scale, the position embeddings and the CLS token (decaying them pulls
+# them towards zero for no regularisation benefit). Every one of them but the two embeddings is also a vector
+# (ndim <= 1), which param_groups checks first; the names are for the reader and for odd shapes.
+NO_DECAY_PATTERNS = ("bias", "layernorm", "layer_norm", "norm.", "normalization", "layer_scale",
+                     "position_embeddings", "cls_token")
 _BLOCK_INDEX = re.compile(r"\.(?:layers?|blocks)\.(\d+)\.")
 
 
 def is_head(name: str) -> bool:
+    """The classifier of every supported family: ViT's and ConvNeXt's ``classifier`` (a Linear), ResNet's
+    ``classifier.1`` (the Linear after a Flatten)."""
     return name.startswith("classifier.")
 
 
@@ -36,10 +43,15 @@ def param_groups(model: torch.nn.Module, args: TrainingArguments) -> list[dict]:
     """AdamW groups: (decay, no-decay) x (backbone layer, head), each with an ``lr_scale``.
 
     ``lr_scale`` = ``head_lr_multiplier`` for the classifier, ``layer_decay ** (depth + 1 - layer_id)`` for the
-    backbone when layer decay is on, else 1. The scheduler multiplies each group's schedule by its scale, so all
-    groups share the warmup/cosine shape.
+    backbone when layer decay is on (ViTs only: a one-line ``UserError`` for other models), else 1. The scheduler
+    multiplies each group's schedule by its scale, so all groups share the warmup/cosine shape.
     """
-    num_layers = model.config.num_hidden_layers
+    if args.layer_decay and not is_vit(model.config):
+        # Layer decay is numbered per transformer block (BEiT) and its values are tuned for 12-24 such blocks; a CNN's
+        # stages of unequal depth have no agreed numbering, and no CNN here is pretrained to be fine-tuned gently.
+        raise UserError(f"layer_decay applies to ViT models only, not to this {model.config.model_type}; drop it "
+                        "(head_lr_multiplier still works)")
+    num_layers = model.config.num_hidden_layers if args.layer_decay else 0
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

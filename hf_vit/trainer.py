@@ -24,7 +24,7 @@ from .config import CONFIG_FILE_NAME, RunConfig, resolve_batch_sizes, save_confi
 from .data import (ImageSpec, batch_mixer, build_eval_data, build_image_processor, build_train_data, load_splits,
                    normalize)
 from .errors import UserError
-from .models import build_model, num_parameters, training_flops_per_image
+from .models import build_model, check_fits_in_memory, is_vit, model_config, num_parameters, training_flops_per_image
 from .optim import EMA, build_optimizer, build_scheduler, classification_loss, is_head
 from .outputs import hardware_description, write_final_outputs
 from .run_dir import TRACKER_DIR, FinalOutputs, check_output_dir, prepare_output_dir, record_created
@@ -111,8 +111,11 @@ class Run:
         with main_process_first(acc):
             self.data = load_splits(data_args, train_args.seed)
         self.label_names = self.data.label_names
+        # Refuse what cannot fit before anything is allocated (an image_size typo can ask for hundreds of GB).
+        check_fits_in_memory(model_config(cfg.model, self.label_names), train_args.per_device_train_batch_size,
+                             acc.mixed_precision, acc.device)
         self.model = build_model(cfg.model, self.label_names)
-        if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and self.model.config.model_type == "vit":
+        if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and is_vit(self.model.config):
             # The same attention maths, but SDPA's bf16 CPU kernel makes the whole step much slower than plain matmul
             # attention (docs/performance.md); the choice is not saved with the model.
             self.model.set_attn_implementation("eager")
