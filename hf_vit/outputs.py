@@ -60,4 +60,4 @@ def write_final_outputs(output_dir: str, model, state_dict, processor, results: 
         plot_confusion_matrix(eval_metrics["confusion_matrix"], label_names, out / "confusion_matrix.png")
     plot_learning_curve(log_history, out / "learning_curve.png")
     write_model_card(out, config, results, label_names, hardware, results["train_runtime"], config["dataset_name"],
-                     config.get("model_name_or_path") or config.get("model_preset"))
+                     config.get("model_name_or_path") or config.get("model_preset"), model_type=model.config.model_type)

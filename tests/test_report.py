@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from hf_vit.errors import run_cli
-from hf_vit.scoring import compute_metrics
-from hf_vit.report import (main, plot_comparison, plot_confusion_matrix, plot_learning_curve, load_run,
+from hf_vit.report import (load_run, main, plot_comparison, plot_confusion_matrix, plot_learning_curve,
                            write_model_card)
+from hf_vit.scoring import compute_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LABELS = ["airplane", "automobile", "bird"]

@@ -1,0 +1,291 @@
+"""Studies: a set of training runs, and the course report's findings regenerated from them, as one command.
+
+    python -m hf_vit.study studies/cifar10_cpu_findings.yaml --output_dir outputs/cpu_study \\
+        [--set dataset_name=../shared/datasets/cifar10] [--set RUN.learning_rate=3e-4] [--dry_run]
+    accelerate launch -m hf_vit.study studies/report_scale.yaml --output_dir /data/report_scale
+
+A study file (YAML; the full format is in docs/studies.md) lists ``runs`` — each a ``recipe`` plus flags, optionally a
+``grid`` that expands one entry into several runs — study-wide ``defaults`` (flags for every run, above the recipe and
+below a run's own flags), and ``datasets`` to derive before the runs (chosen classes of a source dataset, split per
+class into train and validation, written with ``save_to_disk`` under ``DIR/data/``). A value ``${runs.NAME}`` is the
+folder of an earlier run (fine-tune from it), ``${datasets.NAME}`` a derived dataset, ``${defaults.KEY}`` a default.
+
+The runs train one after another in this process, through the same ``parse_config`` + ``train`` as run_finetune.py,
+each into ``DIR/<name>``. A run whose folder holds ``all_results.json`` is done and skipped; an interrupted one resumes
+from its newest checkpoint (``--resume_from_checkpoint latest``) or, without one, starts again
+(``--overwrite_output_dir true``). So a killed study restarted with the same command finishes the rest; a finished
+run made with other settings than the study now gives is an error instead of a silent mix. Then the main process
+writes ``DIR/findings.md`` and its plots (:mod:`hf_vit.findings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import yaml
+
+from hf_vit.config import CONFIG_FILE_NAME, DataArguments, load_recipe, parse_config, validate
+from hf_vit.errors import UserError, run_cli
+from hf_vit.study_file import STUDY_MANAGED, DerivedDataset, Study, StudyRun, load_study
+
+CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+DATASET_SPEC_FILE = "study_dataset.json"
+# Flags that change how a run is executed or logged, not what it computes: a finished run is not stale over them.
+HOW_FLAGS = frozenset({*STUDY_MANAGED, "dataloader_num_workers", "per_device_eval_batch_size", "eval_steps",
+                       "report_to", "logging_steps", "checkpointing_steps", "checkpoints_total_limit",
+                       "per_device_train_batch_size", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy",
+                       "hub_token"})
+
+
+# --------------------------------------------------------------------------------------------------- run folders
+def run_status(run: StudyRun) -> str:
+    """``done`` (all_results.json), ``resume`` (a checkpoint-<step> folder), ``restart`` (an interrupted run without
+    a checkpoint) or ``new``."""
+    folder = run.output_dir
+    if (folder / "all_results.json").is_file():
+        return "done"
+    if folder.is_dir() and any(p.is_dir() and CHECKPOINT.match(p.name) for p in folder.iterdir()):
+        return "resume"
+    return "restart" if (folder / CONFIG_FILE_NAME).is_file() else "new"
+
+
+STATUS_FLAGS = {"resume": ["--resume_from_checkpoint", "latest"], "restart": ["--overwrite_output_dir", "true"]}
+
+
+def check_run(study: Study, run: StudyRun) -> None:
+    """Parse and validate the run's flags; for a done or resumable run, check its folder was made with the settings
+    the study gives now (the keys the recipe and the study set, but how-to-run flags and folder references)."""
+    try:
+        cfg = parse_config(run.argv())
+        validate(cfg)
+    except UserError as err:
+        raise UserError(f"{study.path}: run {run.name!r}: {err}") from None
+    saved_path = run.output_dir / CONFIG_FILE_NAME
+    if run_status(run) not in ("done", "resume") or not saved_path.is_file():
+        return
+    with open(saved_path, encoding="utf-8") as handle:
+        saved = yaml.safe_load(handle) or {}
+    now = cfg.to_dict()
+    keys = set(run.flags) | set(load_recipe(run.recipe) if run.recipe else {})
+    for key in sorted(keys - HOW_FLAGS - run.referenced):
+        if key in saved and saved[key] != now[key]:
+            raise UserError(f"{study.path}: run {run.name!r} in {run.output_dir} was made with {key}={saved[key]!r} "
+                            f"but the study now gives {key}={now[key]!r}; delete that folder to redo the run, or "
+                            "restore the old value")
+
+
+def build_dataset(dataset: DerivedDataset) -> bool:
+    """Build ``dataset`` unless its folder exists (then check it was made from the same spec); True if built.
+
+    Built into a hidden ``.tmp`` folder beside the target and renamed into place when complete, so a killed build
+    leaves no folder that looks finished.
+    """
+    import datasets
+
+    from hf_vit.data import load_splits
+
+    marker = dataset.path / DATASET_SPEC_FILE
+    if dataset.path.is_dir():
+        try:
+            recorded = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = None  # not a folder this study built
+        if recorded != dataset.spec():
+            raise UserError(f"{dataset.path} was built from another spec than datasets.{dataset.name} now gives; "
+                            "delete it to rebuild (and the runs trained on it)")
+        return False
+    splits = load_splits(DataArguments(dataset_name=dataset.source, train_split=dataset.split, eval_split=None,
+                                       train_val_split=0.0), seed=0)
+    source, label_column, names = splits.train, splits.label_column, splits.label_names
+    classes = dataset.classes or names
+    unknown = [name for name in classes if name not in names]
+    if unknown:
+        raise UserError(f"datasets.{dataset.name}: {dataset.source!r} has no class {unknown[0]!r}; its classes begin "
+                        f"{names[:10]}")
+    new_label = {names.index(name): i for i, name in enumerate(classes)}
+    rows_of = {label: [] for label in new_label}
+    for row, label in enumerate(source[label_column]):
+        if label in rows_of:
+            rows_of[label].append(row)
+    parts = {}
+    for split, (skip, take) in dataset.splits.items():
+        rows = []
+        for label, class_rows in rows_of.items():
+            chosen = class_rows[skip:None if take is None else skip + take]
+            if not chosen or (take is not None and len(chosen) < take):
+                raise UserError(f"datasets.{dataset.name}.splits.{split}: class {names[label]!r} has "
+                                f"{len(class_rows)} examples, fewer than skip {skip} + take {take}")
+            rows += chosen
+        part = source.select(sorted(rows))  # the source's order, classes interleaved as there
+        features = part.features.copy()
+        features[splits.image_column] = datasets.Image()
+        features[label_column] = datasets.ClassLabel(names=list(classes))
+        parts[split] = part.cast_column(splits.image_column, datasets.Image()).map(
+            lambda labels: {label_column: [new_label[label] for label in labels]}, input_columns=[label_column],
+            batched=True, features=features, desc=f"relabelling {dataset.name}/{split}")
+    partial = dataset.path.with_name(f".{dataset.path.name}.tmp")
+    if partial.exists():
+        shutil.rmtree(partial)
+    datasets.DatasetDict(parts).save_to_disk(str(partial))
+    (partial / DATASET_SPEC_FILE).write_text(json.dumps(dataset.spec(), indent=1), encoding="utf-8")
+    os.replace(partial, dataset.path)
+    return True
+
+
+def _cpu_launch() -> bool:
+    # The trainer's Accelerator makes the same choice: a multi-process launch without GPUs needs cpu=True (gloo).
+    import torch
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def fresh_accelerate_state():
+    """Forget the previous run's Accelerator settings before the next run builds its own; returns the
+    ``PartialState`` (which process this is, and the process group) that all runs share.
+
+    ``AcceleratorState`` and ``GradientState`` are process-wide singletons that keep the first run's mixed precision,
+    plugins and accumulation; a second run in this process (perhaps bf16 after fp32) must start from neither.
+    """
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return PartialState(cpu=_cpu_launch())
+
+
+@contextlib.contextmanager
+def process_group_kept():
+    """While the study trains, each run's ``Accelerator.end_training()`` leaves the process group alone.
+
+    end_training destroys the group unless the process is "fork launched" (accelerate's notebook launcher, whose
+    processes also train several times); the study's later runs and its barriers need the group, and joining a new
+    one through the launcher's rendezvous after a destroy can read the old group's addresses, so the study sets
+    that flag (read from the environment by every ``PartialState()``) for as long as it runs.
+    """
+    previous = os.environ.get("FORK_LAUNCHED")
+    os.environ["FORK_LAUNCHED"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("FORK_LAUNCHED", None)
+        else:
+            os.environ["FORK_LAUNCHED"] = previous
+
+
+def describe_dataset(dataset: DerivedDataset) -> str:
+    cuts = ", ".join(f"{split}: skip {skip}, take {'the rest' if take is None else take}"
+                     for split, (skip, take) in dataset.splits.items())
+    classes = ", ".join(dataset.classes) if dataset.classes else "all classes"
+    return f"{dataset.source} [{dataset.split}], {classes}; per class {cuts}"
+
+
+def command_line(run: StudyRun, extra: list[str] | None = None) -> str:
+    """The run as an equivalent run_finetune.py command."""
+    return shlex.join(["python", "run_finetune.py", *run.argv(), *(extra or [])])
+
+
+# --------------------------------------------------------------------------------------------------- the study loop
+def run_study(study: Study, dry_run: bool = False) -> Path | None:
+    """Build the derived datasets, train every run that is not done, then write the findings (main process).
+
+    Under ``accelerate launch`` every process runs this loop and takes the same decisions (each made after a
+    barrier, from the same files). ``dry_run`` prints what would happen, with each run's command, and trains nothing.
+    Returns the findings path, or None (a dry run, or a run preempted by SIGTERM/SIGINT: restart the same command).
+    """
+    for run in study.runs:
+        check_run(study, run)
+    if dry_run:
+        print(f"study {study.path}: {len(study.datasets)} derived datasets, {len(study.runs)} runs -> "
+              f"{study.output_dir}")
+        for dataset in study.datasets:
+            state = "built" if dataset.path.is_dir() else "to build"
+            print(f"dataset {dataset.name} ({state}) -> {dataset.path}: {describe_dataset(dataset)}")
+        for index, run in enumerate(study.runs, 1):
+            status = run_status(run)
+            print(f"run {index}/{len(study.runs)} {run.name} ({status}): "
+                  f"{command_line(run, STATUS_FLAGS.get(status))}")
+        return None
+
+    with process_group_kept():
+        state = fresh_accelerate_state()
+        finished = _build_and_train(study, state)
+    if not finished or not state.is_main_process:
+        return None
+    from hf_vit.findings import write_findings
+
+    path = write_findings([(run.name, run.output_dir) for run in study.runs], study.output_dir,
+                          title=Path(study.path).stem, description=study.description, study_path=study.path,
+                          commands={run.name: command_line(run) for run in study.runs})
+    print(f"[study] findings: {path}", flush=True)
+    return path
+
+
+def _build_and_train(study: Study, state) -> bool:
+    """The derived datasets, then every run that is not done; False when a run was preempted."""
+    from hf_vit.trainer import train
+
+    def say(message: str) -> None:
+        if state.is_main_process:
+            print(f"[study] {message}", flush=True)
+
+    for dataset in study.datasets:
+        # The main process builds, the others wait; it reaches the barrier even when the build fails.
+        if not state.is_main_process:
+            state.wait_for_everyone()
+        try:
+            if state.is_main_process:
+                built = build_dataset(dataset)
+                say(f"dataset {dataset.name}: {'built' if built else 'already built'} at {dataset.path}")
+        finally:
+            if state.is_main_process:
+                state.wait_for_everyone()
+        if not dataset.path.is_dir():
+            raise UserError(f"dataset {dataset.name} was not built at {dataset.path}; see the main process's error")
+    for index, run in enumerate(study.runs, 1):
+        state.wait_for_everyone()  # a run's files are whole before any process looks at them
+        status = run_status(run)
+        say(f"run {index}/{len(study.runs)} {run.name}: "
+            + {"done": "done, skipped", "resume": "resuming from its newest checkpoint",
+               "restart": "interrupted before its first checkpoint: starting it again", "new": "training"}[status])
+        if status == "done":
+            continue
+        try:
+            results = train(parse_config(run.argv() + STATUS_FLAGS.get(status, [])))
+        except UserError as err:
+            raise UserError(f"run {run.name!r}: {err}") from None
+        state = fresh_accelerate_state()
+        gc.collect()  # the finished run's model, optimizer and data may still sit in reference cycles
+        if results.get("preempted"):
+            say(f"stopped by a signal during {run.name} (checkpoint saved); run the same command again to go on")
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = argparse.ArgumentParser(prog="python -m hf_vit.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", metavar="STUDY.yaml", help="the study file (see studies/ and docs/studies.md)")
+    parser.add_argument("--output_dir", required=True, help="the study folder: one folder per run, data/, findings.md")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="[RUN.]KEY=VALUE",
+                        help="override a study default (KEY=VALUE) or one run's flag (RUN.KEY=VALUE); repeatable")
+    parser.add_argument("--dry_run", action="store_true", help="print each run's status and command; train nothing")
+
+    def one_line_error(message: str):
+        raise UserError(f"{message}; run with --help for the usage")
+
+    parser.error = one_line_error  # argparse would print the whole usage block
+    args = parser.parse_args(argv)
+    return run_study(load_study(args.study, args.output_dir, args.sets), dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,525 @@
+"""Studies (``python -m hf_vit.study``): the study file (grid, precedence, references, one-line errors), derived
+datasets, the run folders' states, a tiny study killed during its second run and restarted, and findings.md — whose
+numbers must equal the runs' own all_results.json and whose verdicts must follow from them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+from conftest import CIFAR10, REPO, run_script
+from PIL import Image
+
+from hf_vit.config import parse_config
+from hf_vit.errors import run_cli
+from hf_vit.findings import fraction_series, plot_accuracy_vs_fraction, read_facts, write_findings
+from hf_vit.study import build_dataset, fresh_accelerate_state, main, run_status, run_study
+from hf_vit.study_file import load_study
+
+CLASSES = ["c0", "c1", "c2", "c3"]
+TINY_VIT = {"model_preset": "vit_tiny_cifar", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1,
+            "intermediate_size": 16, "image_size": 8, "patch_size": 4, "max_train_steps": 3,
+            "dataloader_num_workers": 0, "report_to": "none"}
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """64 8x8 images, 4 classes, 16 per class in interleaved order (a class is a colour), saved with save_to_disk."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(64):
+        label = i % 4
+        pixels = rng.integers(0, 60, size=(8, 8, 3), dtype=np.uint8)
+        pixels[:, :, label % 3] += 150
+        if label == 3:
+            pixels[:4] = 255
+        images.append(Image.fromarray(pixels))
+        labels.append(label)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    path = tmp_path_factory.mktemp("tiny") / "data"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)}
+                         ).save_to_disk(str(path))
+    return path
+
+
+def write_study(folder: Path, study: dict, name: str = "study.yaml") -> str:
+    path = folder / name
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return str(path)
+
+
+def write_recipe(folder: Path, name: str, values: dict) -> str:
+    (folder / name).write_text(yaml.safe_dump(values))
+    return name
+
+
+def flags(run) -> dict[str, str]:
+    """A run's argv as {flag: value}."""
+    argv = run.argv()
+    return {argv[i][2:]: argv[i + 1] for i in range(0, len(argv), 2)}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    """{relative path: (mtime_ns, sha256)} of every file under ``folder``."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def markdown_table(text: str, first_header: str, after: str = "") -> list[dict[str, str]]:
+    """The rows of the first Markdown table after the line ``after`` whose header starts with ``| first_header |``,
+    as dicts by column."""
+    lines = text.splitlines()
+    begin = next(i for i, line in enumerate(lines) if line.startswith(after)) if after else 0
+    start = next(i for i, line in enumerate(lines) if i >= begin and line.startswith(f"| {first_header} |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))))
+    return rows
+
+
+def study_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------ the study file
+def test_grid_expands_labelled_variants_times_flag_values_into_named_run_folders(tmp_path):
+    (tmp_path / "studies").mkdir()
+    write_recipe(tmp_path, "vit.yaml", {"model_preset": "vit_tiny_cifar"})
+    write_recipe(tmp_path, "cnn.yaml", {"model_preset": "cnn_tiny_cifar"})
+    path = write_study(tmp_path / "studies", {"runs": [
+        {"name": "{model}_f{train_fraction}", "learning_rate": 0.002, "grid": {
+            "model": {"vit": {"recipe": "../vit.yaml"}, "cnn": {"recipe": "../cnn.yaml", "learning_rate": 0.004}},
+            "train_fraction": [0.1, 1.0]}},
+        {"name": "single", "recipe": "../vit.yaml"},
+    ]})
+    study = load_study(path, str(tmp_path / "out"))
+
+    assert [run.name for run in study.runs] == ["vit_f0.1", "vit_f1.0", "cnn_f0.1", "cnn_f1.0", "single"]
+    # Recipes are relative to the study file's folder.
+    assert [run.recipe for run in study.runs] == [str(tmp_path / recipe) for recipe in
+                                                  ("vit.yaml", "vit.yaml", "cnn.yaml", "cnn.yaml", "vit.yaml")]
+    assert [flags(run) for run in study.runs[:4]] == [
+        {"config": run.recipe, "learning_rate": lr, "train_fraction": fraction,
+         "output_dir": str(tmp_path / "out" / name)}
+        for run, name, lr, fraction in zip(study.runs, ["vit_f0.1", "vit_f1.0", "cnn_f0.1", "cnn_f1.0"],
+                                           ["0.002", "0.002", "0.004", "0.004"], ["0.1", "1.0", "0.1", "1.0"])]
+
+
+def test_flags_override_in_order_recipe_defaults_run_variant_grid_then_command_line(tmp_path):
+    recipe = write_recipe(tmp_path, "recipe.yaml", {"learning_rate": 0.1, "weight_decay": 0.1, "seed": 1,
+                                                    "label_smoothing": 0.1, "min_lr": 0.1, "warmup_epochs": 0.1})
+    path = write_study(tmp_path, {
+        "defaults": {"weight_decay": 0.2, "seed": 2, "label_smoothing": 0.2, "min_lr": 0.2, "warmup_epochs": 0.2},
+        "runs": [{"name": "run_{x}", "recipe": recipe, "seed": 3, "label_smoothing": 0.3, "min_lr": 0.3,
+                  "warmup_epochs": 0.3, "grid": {"x": {"a": {"label_smoothing": 0.4, "min_lr": 0.4,
+                                                             "warmup_epochs": 0.4}}}}]})
+    study = load_study(path, str(tmp_path / "out"), ["min_lr=0.5", "warmup_epochs=0.5", "run_{x}.warmup_epochs=0.6"])
+    cfg = parse_config(study.runs[0].argv())
+    # A --set default sits with the study's defaults: below the run's own flags.
+    assert (cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.seed, cfg.train.label_smoothing,
+            cfg.train.min_lr, cfg.train.warmup_epochs) == (0.1, 0.2, 3, 0.4, 0.4, 0.6)
+    by_run_name = load_study(path, str(tmp_path / "out"), ["run_a.seed=7"])
+    assert parse_config(by_run_name.runs[0].argv()).train.seed == 7
+
+
+def test_references_name_earlier_run_folders_derived_datasets_and_defaults(tmp_path):
+    path = write_study(tmp_path, {
+        "defaults": {"dataset_name": "/data/cifar10"},
+        "datasets": {"half": {"source": "${defaults.dataset_name}", "classes": ["c0", "c1"],
+                              "splits": {"validation": {"take": 2}, "train": {"skip": 2}}}},
+        "runs": [{"name": "pretrain", "dataset_name": "${datasets.half}"},
+                 {"name": "finetune", "model_name_or_path": "${runs.pretrain}"}]})
+    study = load_study(path, str(tmp_path / "out"), ["dataset_name=/local/cifar10"])
+    assert study.datasets[0].source == "/local/cifar10" and study.datasets[0].path == tmp_path / "out" / "data" / "half"
+    assert flags(study.runs[0])["dataset_name"] == str(tmp_path / "out" / "data" / "half")
+    assert flags(study.runs[1])["model_name_or_path"] == str(tmp_path / "out" / "pretrain")
+    assert flags(study.runs[1])["dataset_name"] == "/local/cifar10"
+    assert study.runs[1].referenced == {"model_name_or_path"}
+
+
+GOOD_RUN = {"name": "a", "model_preset": "vit_tiny_cifar"}
+BAD_STUDIES = {
+    "unknown study key": ({"rnus": [], "runs": [GOOD_RUN]}, [], "'rnus'"),
+    "unknown run key": ({"runs": [{**GOOD_RUN, "learning_rte": 0.1}]}, [], "'learning_rte'"),
+    "managed key": ({"runs": [{**GOOD_RUN, "output_dir": "/x"}]}, [], "'output_dir'"),
+    "null flag": ({"runs": [{**GOOD_RUN, "crop_padding": None}]}, [], "crop_padding"),
+    "later run": ({"runs": [{**GOOD_RUN, "model_name_or_path": "${runs.b}"}, {"name": "b"}]}, [], "${runs.b}"),
+    "own run": ({"runs": [{**GOOD_RUN, "model_name_or_path": "${runs.a}"}]}, [], "${runs.a}"),
+    "unknown dataset": ({"runs": [{**GOOD_RUN, "dataset_name": "${datasets.x}"}]}, [], "${datasets.x}"),
+    "not a reference": ({"runs": [{**GOOD_RUN, "dataset_name": "${run.a}"}]}, [], "${run.a}"),
+    "grid name": ({"runs": [{"name": "a", "grid": {"seed": [1, 2]}}]}, [], "{seed}"),
+    "unknown placeholder": ({"runs": [{"name": "a_{x}"}]}, [], "{x}"),
+    "same name": ({"runs": [GOOD_RUN, GOOD_RUN]}, [], "'a'"),
+    "overlapping splits": ({"datasets": {"d": {"source": "x", "splits": {"train": {"skip": 0, "take": 5},
+                                                                         "validation": {"skip": 3}}}},
+                            "runs": [GOOD_RUN]}, [], "datasets.d"),
+    "set unknown run": ({"runs": [GOOD_RUN]}, ["b.seed=1"], "'b'"),
+    "set unknown flag": ({"runs": [GOOD_RUN]}, ["sede=1"], "'sede'"),
+    "bad recipe key": ({"runs": [{**GOOD_RUN, "recipe": "bad.yaml"}]}, [], "learning_rte"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STUDIES))
+def test_a_mistake_in_the_study_is_a_one_line_error_naming_the_file_and_the_key(tmp_path, capsys, case):
+    study, sets, key = BAD_STUDIES[case]
+    write_recipe(tmp_path, "bad.yaml", {"learning_rte": 0.1})
+    path = write_study(tmp_path, study)
+    err = study_error(capsys, [path, "--output_dir", str(tmp_path / "out"), "--dry_run",
+                               *[arg for item in sets for arg in ("--set", item)]])
+    assert key in err
+    if not case.startswith("set "):
+        assert path in err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------- run folders
+def fake_run(study, name: str, state: str) -> None:
+    """Make the folder of study run ``name`` look ``done``, ``resume`` or ``restart`` (with its real config)."""
+    run = next(run for run in study.runs if run.name == name)
+    run.output_dir.mkdir(parents=True)
+    (run.output_dir / "train_config.yaml").write_text(yaml.safe_dump(parse_config(run.argv()).to_dict()))
+    if state == "done":
+        (run.output_dir / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.5}))
+    if state == "resume":
+        (run.output_dir / "checkpoint-3").mkdir()
+
+
+def test_dry_run_prints_each_runs_state_and_command_and_trains_nothing(tmp_path, capsys):
+    path = write_study(tmp_path, {"defaults": {**TINY_VIT, "dataset_name": "/data/x"},
+                                  "runs": [{"name": "r_{seed}", "grid": {"seed": [1, 2, 3, 4]}}]})
+    study = load_study(path, str(tmp_path / "out"))
+    for name, state in (("r_1", "done"), ("r_2", "resume"), ("r_3", "restart")):
+        fake_run(study, name, state)
+    before = snapshot(tmp_path / "out")
+
+    main([path, "--output_dir", str(tmp_path / "out"), "--dry_run"])
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
+    assert [line.split(":")[0] for line in lines] == ["run 1/4 r_1 (done)", "run 2/4 r_2 (resume)",
+                                                      "run 3/4 r_3 (restart)", "run 4/4 r_4 (new)"]
+    assert lines[1].endswith("--resume_from_checkpoint latest")
+    assert lines[2].endswith("--overwrite_output_dir true")
+    assert all("python run_finetune.py --model_preset vit_tiny_cifar" in line and "--dataset_name /data/x" in line
+               for line in lines)
+    assert snapshot(tmp_path / "out") == before
+    assert [run_status(run) for run in study.runs] == ["done", "resume", "restart", "new"]
+
+
+def test_a_finished_run_made_with_other_settings_stops_the_study_but_logging_flags_do_not(tmp_path, capsys):
+    study_file = {"defaults": {**TINY_VIT, "dataset_name": "/data/x", "learning_rate": 0.001, "logging_steps": 5},
+                  "runs": [{"name": "a"}]}
+    path = write_study(tmp_path, study_file)
+    fake_run(load_study(path, str(tmp_path / "out")), "a", "done")
+
+    main([path, "--output_dir", str(tmp_path / "out"), "--dry_run", "--set", "logging_steps=50"])
+    err = study_error(capsys, [path, "--output_dir", str(tmp_path / "out"), "--dry_run",
+                               "--set", "learning_rate=0.002"])
+    assert "learning_rate=0.001" in err and "learning_rate=0.002" in err and "delete" in err
+
+
+# --------------------------------------------------------------------------------------------- derived datasets
+def test_a_derived_dataset_keeps_the_chosen_classes_relabelled_and_cut_per_class_in_source_order(tmp_path,
+                                                                                                   tiny_data):
+    path = write_study(tmp_path, {"datasets": {"half": {
+        "source": str(tiny_data), "classes": ["c3", "c1"],
+        "splits": {"validation": {"take": 3}, "train": {"skip": 3, "take": 10}}}}, "runs": [GOOD_RUN]})
+    spec = load_study(path, str(tmp_path / "out")).datasets[0]
+
+    assert build_dataset(spec) is True
+    built = datasets.load_from_disk(str(spec.path))
+    source = datasets.load_from_disk(str(tiny_data))["train"]
+    assert built["train"].features["label"].names == ["c3", "c1"]
+
+    def rows_of(split):  # (source row, new label), matched by the image bytes
+        index = {image["bytes"]: row for row, image in enumerate(
+            source.cast_column("image", datasets.Image(decode=False))["image"])}
+        images = built[split].cast_column("image", datasets.Image(decode=False))["image"]
+        return [(index[image["bytes"]], label) for image, label in zip(images, built[split]["label"])]
+
+    # Class c3 holds source rows 3, 7, 11, ... and c1 rows 1, 5, 9, ...: per class the first 3 are validation, the
+    # next 10 train; the source's order is kept and c3 -> 0, c1 -> 1.
+    c3, c1 = list(range(3, 64, 4)), list(range(1, 64, 4))
+    assert rows_of("validation") == sorted([(r, 0) for r in c3[:3]] + [(r, 1) for r in c1[:3]])
+    assert rows_of("train") == sorted([(r, 0) for r in c3[3:13]] + [(r, 1) for r in c1[3:13]])
+
+    before = snapshot(spec.path)
+    assert build_dataset(spec) is False and snapshot(spec.path) == before
+    changed = load_study(path, str(tmp_path / "out"), []).datasets[0]
+    changed.splits["train"] = (3, 5)
+    with pytest.raises(Exception, match="another spec"):
+        build_dataset(changed)
+
+
+def test_a_killed_dataset_build_leaves_no_finished_looking_folder_and_is_redone(tmp_path, tiny_data):
+    path = write_study(tmp_path, {"datasets": {"all": {"source": str(tiny_data), "splits": {"train": {}}}},
+                                  "runs": [GOOD_RUN]})
+    spec = load_study(path, str(tmp_path / "out")).datasets[0]
+    partial = spec.path.with_name(f".{spec.path.name}.tmp")
+    partial.mkdir(parents=True)
+    (partial / "half_written.arrow").write_bytes(b"\0" * 10)
+
+    assert build_dataset(spec) is True
+    assert not partial.exists() and len(datasets.load_from_disk(str(spec.path))["train"]) == 64
+
+
+def test_a_fresh_accelerate_state_between_runs_forgets_the_last_runs_precision_and_keeps_the_process(tmp_path):
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    Accelerator(mixed_precision="bf16", cpu=True)
+    process = PartialState()
+    state = fresh_accelerate_state()
+    assert state.initialized and state.process_index == process.process_index and not AcceleratorState._shared_state
+    # Without the reset accelerate refuses a second Accelerator with another mixed precision.
+    assert Accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
+
+
+# ---------------------------------------------------------------------------------------- killed and restarted
+def write_tiny_study(folder: Path, data: Path, finetune_steps: int) -> str:
+    """Two runs: pretrain on two classes, then fine-tune from it on the other two (in bf16, where the first ran in
+    fp32, so the second Accelerator of the process needs other settings than the first)."""
+    return write_study(folder, {
+        "defaults": {**TINY_VIT, "dataset_name": str(data), "total_train_batch_size": 8, "logging_steps": 1,
+                     "checkpointing_steps": "1", "eval_split": "validation"},
+        "datasets": {name: {"source": "${defaults.dataset_name}", "classes": classes,
+                            "splits": {"validation": {"take": 4}, "train": {"skip": 4}}}
+                     for name, classes in (("first", ["c0", "c1"]), ("second", ["c2", "c3"]))},
+        "runs": [{"name": "pretrain", "dataset_name": "${datasets.first}"},
+                 {"name": "finetune", "dataset_name": "${datasets.second}", "model_name_or_path": "${runs.pretrain}",
+                  "max_train_steps": finetune_steps, "mixed_precision": "bf16"}]})
+
+
+def test_tiny_study_killed_during_its_second_run_finishes_on_restart_with_every_run_done_once(tmp_path, tiny_data):
+    """The tiny study in one process, SIGKILLed once its second run has a checkpoint; the same command again skips
+    the first run, resumes the second, and writes findings whose numbers are the runs' own."""
+    steps = 40  # enough checkpointed steps that the kill lands inside the second run
+    path = write_tiny_study(tmp_path, tiny_data, steps)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "hf_vit.study", path, "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while not (out / "finetune").is_dir() or not any(p.name.startswith("checkpoint-") and not
+                                                          p.name.endswith("tmp") for p in (out / "finetune").iterdir()):
+            assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "the second run never wrote a checkpoint"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert (out / "pretrain" / "all_results.json").is_file() and not (out / "finetune" / "all_results.json").exists()
+    pretrain_files, data_files = snapshot(out / "pretrain"), snapshot(out / "data")
+
+    restart = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stdout[-3000:] + restart.stderr[-3000:]
+    log = restart.stdout
+    assert "dataset first: already built" in log and "dataset second: already built" in log
+    assert "run 1/2 pretrain: done, skipped" in log and "run 2/2 finetune: resuming" in log
+    assert snapshot(out / "pretrain") == pretrain_files and snapshot(out / "data") == data_files
+
+    results = {name: json.loads((out / name / "all_results.json").read_text()) for name in ("pretrain", "finetune")}
+    assert results["finetune"]["global_step"] == steps
+    train_steps = [r["step"] for r in json.loads((out / "finetune" / "log_history.json").read_text())
+                   if "train_loss" in r]
+    assert train_steps == list(range(1, steps + 1))  # every step trained (and logged) once across the two sessions
+
+    findings = (out / "findings.md").read_text()
+    rows = {row["run"]: row for row in markdown_table(findings, "run")}
+    assert set(rows) == {"`pretrain`", "`finetune`"}
+    for name, result in results.items():
+        row, accuracy, n = rows[f"`{name}`"], result["eval_accuracy"], result["eval_samples"]
+        se = math.sqrt(accuracy * (1 - accuracy) / n)
+        assert row["eval accuracy % ± SE"] == f"{100 * accuracy:.2f} ± {100 * se:.2f}"
+        assert row["epochs"] == f"{round(result['epoch'], 2):g}"
+        if "train_accuracy" in result:
+            assert row["train accuracy %"] == f"{100 * result['train_accuracy']:.2f}"
+    assert rows["`finetune`"]["start"] == "from pretrain"
+    for png in ("accuracy_vs_fraction.png", "learning_curves.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_stopped_by_a_signal_ends_the_study_before_the_next_run_and_without_findings(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import hf_vit.trainer
+
+    trained = []
+
+    def preempted_train(cfg):  # what train returns when SIGTERM/SIGINT stopped it after saving a checkpoint
+        trained.append(Path(cfg.train.output_dir).name)
+        return {"preempted": True, "global_step": 1}
+
+    monkeypatch.setattr(hf_vit.trainer, "train", preempted_train)
+    path = write_study(tmp_path, {"defaults": {**TINY_VIT, "dataset_name": "/data/x"},
+                                  "runs": [{"name": "first"}, {"name": "second"}]})
+    assert run_study(load_study(path, str(tmp_path / "out"))) is None
+    assert trained == ["first"] and not (tmp_path / "out" / "findings.md").exists()
+    assert "run the same command again" in capsys.readouterr().out
+
+
+def test_under_a_two_process_launch_every_process_runs_the_study_and_only_the_main_one_reports(tmp_path, tiny_data):
+    path = write_tiny_study(tmp_path, tiny_data, finetune_steps=3)
+    out = tmp_path / "out"
+    launch = run_script(["-m", "hf_vit.study", path, "--output_dir", str(out)], nproc=2, timeout=300,
+                        env={"OMP_NUM_THREADS": "1"})
+    for name in ("pretrain", "finetune"):
+        assert json.loads((out / name / "all_results.json").read_text())["global_step"] == 3
+    assert launch.stdout.count("[study] run 2/2 finetune: training") == 1  # one voice, not one per process
+    assert (out / "findings.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------ findings
+def fake_finished_run(root: Path, name: str, *, model_type: str, preset: str | None, fraction: float = 1.0,
+                      accuracy: float, n: int, train_accuracy: float | None = None, source: str | None = None,
+                      frozen: bool = False, dataset: str = "cifar10", params: int = 1_800_000,
+                      flops: float = 1.9e8, seen: int = 320_000, runtime: float = 150.0) -> Path:
+    folder = root / name
+    folder.mkdir()
+    results = {"eval_accuracy": accuracy, "eval_samples": n, "epoch": 7.1, "global_step": 2500,
+               "num_parameters": params, "training_flops_per_image": flops, "train_samples_seen": seen,
+               "train_runtime": runtime}
+    if train_accuracy is not None:
+        results["train_accuracy"] = train_accuracy
+    (folder / "all_results.json").write_text(json.dumps(results))
+    (folder / "train_config.yaml").write_text(yaml.safe_dump({
+        "model_preset": preset, "model_name_or_path": source, "dataset_name": dataset, "train_fraction": fraction,
+        "eval_split": None, "train_val_split": 0.1, "freeze_backbone": frozen}))
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    history = [{"step": s, "epoch": s / 350, "train_loss": 2 / s, "train_accuracy": accuracy * s / 2500}
+               for s in (500, 1000, 2500)] + [{"step": 2500, "epoch": 7.1, "eval_accuracy": accuracy}]
+    (folder / "log_history.json").write_text(json.dumps(history))
+    return folder
+
+
+def report_like_runs(root: Path, vit=(0.40, 0.60), cnn=(0.60, 0.70)) -> list[tuple[str, Path]]:
+    """A ViT and a CNN from scratch at 10% and 100% of the data (accuracies ``vit`` and ``cnn``), a pretraining run
+    (train 84%, eval 56%) and fine-tuned (55%) / scratch (53%) / linear-probe (45%) runs on a downstream set."""
+    vit_model = dict(model_type="vit", preset="vit_tiny_cifar")
+    cnn_model = dict(model_type="convnext", preset="cnn_tiny_cifar", params=1_600_000, flops=3.45e8)
+    made = [fake_finished_run(root, "vit_f10", **vit_model, fraction=0.1, accuracy=vit[0], n=5000),
+            fake_finished_run(root, "vit_f100", **vit_model, fraction=1.0, accuracy=vit[1], n=5000),
+            fake_finished_run(root, "cnn_f10", **cnn_model, fraction=0.1, accuracy=cnn[0], n=5000),
+            fake_finished_run(root, "cnn_f100", **cnn_model, fraction=1.0, accuracy=cnn[1], n=5000),
+            fake_finished_run(root, "pretrain", **vit_model, accuracy=0.56, n=1000, train_accuracy=0.84,
+                              dataset="half_a")]
+    downstream = dict(model_type="vit", preset="vit_tiny_cifar", n=2000, dataset="half_b", params=1_790_000)
+    made += [fake_finished_run(root, "down_scratch", **downstream, accuracy=0.53, train_accuracy=0.9),
+             fake_finished_run(root, "down_finetuned", **downstream, accuracy=0.55, source=str(root / "pretrain")),
+             fake_finished_run(root, "down_probe", **downstream, accuracy=0.45, source=str(root / "pretrain"),
+                               frozen=True)]
+    return [(folder.name, folder) for folder in made]
+
+
+@pytest.fixture
+def no_attention(monkeypatch):
+    """findings without the attention-rollout module (the fake runs hold no weights to look at)."""
+    monkeypatch.setitem(sys.modules, "hf_vit.attention", None)
+
+
+# (ViT at 10%, 100%), (CNN at 10%, 100%), the verdicts of findings 1 and 2. At n = 5,000 the SE of a difference of
+# two accuracies near 0.5-0.7 is ~0.0095 (finding 1) and of a difference of two gains ~0.0135 (finding 2).
+@pytest.mark.parametrize("vit, cnn, verdicts", [
+    ((0.40, 0.60), (0.60, 0.70), ["supported", "supported"]),        # CNN +10 points; ViT gains 10 more
+    ((0.40, 0.60), (0.60, 0.50), ["contradicted", "supported"]),     # CNN -10 points; ViT gains 30 more
+    ((0.50, 0.60), (0.50, 0.61), ["inconclusive", "inconclusive"]),  # CNN +1 point; ViT gains 1 less
+    ((0.50, 0.55), (0.40, 0.70), ["supported", "contradicted"]),     # CNN +15 points; ViT gains 25 less
+])
+def test_findings_judge_each_claim_of_the_report_by_its_difference_against_two_standard_errors(
+        tmp_path, no_attention, vit, cnn, verdicts):
+    text = write_findings(report_like_runs(tmp_path, vit, cnn), tmp_path / "study").read_text()
+
+    found = [line.split("Verdict: **")[1].split("**")[0] for line in text.splitlines() if "Verdict: **" in line]
+    # 3: fine-tuned 0.55 - scratch 0.53 = +0.02 against an SE of 0.0158: inconclusive (the probe is not a
+    # fine-tune). 4: the pretraining run's train 0.84 - eval 0.56 = +0.28 against 0.0157: supported.
+    assert found == [*verdicts, "inconclusive", "supported"]
+    assert f"CNN - ViT = {100 * (cnn[1] - vit[1]):+.2f} ± " in text
+    assert f"the ViT gains {100 * ((vit[1] - vit[0]) - (cnn[1] - cnn[0])):+.2f} ± " in text
+
+
+def test_findings_tables_carry_each_runs_own_numbers_and_pair_pretrained_with_scratch(tmp_path, no_attention):
+    runs = report_like_runs(tmp_path)
+    text = write_findings(runs, tmp_path / "study").read_text()
+
+    rows = {row["run"].strip("`"): row for row in markdown_table(text, "run")}
+    assert list(rows) == [name for name, _ in runs]
+    for name, folder in runs:
+        result, row = json.loads((folder / "all_results.json").read_text()), rows[name]
+        p, n = result["eval_accuracy"], result["eval_samples"]
+        assert row["eval accuracy % ± SE"] == f"{100 * p:.2f} ± {100 * math.sqrt(p * (1 - p) / n):.2f}"
+        assert row["training GFLOP / image"] == f"{result['training_flops_per_image'] / 1e9:.3g}"
+        compute = result["training_flops_per_image"] * result["train_samples_seen"]
+        assert row["training compute"] == f"{compute / 1e12:.3g} TFLOP"
+        assert row["epochs"] == "7.1" and row["train time"] == "2m 30s"
+    assert rows["cnn_f10"]["family"] == "CNN" and rows["vit_f10"]["family"] == "ViT"
+
+    pivot = {(row["model"], row["data"]): row for row in markdown_table(text, "family") if row["start"] == "scratch"}
+    held_out = "cifar10 [0.1 of train held out]"
+    assert pivot["vit_tiny_cifar (1.8M)", held_out]["10%"] == "40.00 ± 0.69"
+    assert pivot["cnn_tiny_cifar (1.6M)", held_out]["100%"] == "70.00 ± 0.65"
+    pretrained = markdown_table(text, "data")
+    assert [(r["from scratch %"].split(":")[0], r["pretrained %"].split(" ")[0], r["verdict"]) for r in pretrained] == \
+        [("`down_scratch`", "`down_finetuned`", "inconclusive"), ("`down_scratch`", "`down_probe`", "contradicted")]
+    gaps = {row["run"]: row for row in markdown_table(text, "run", after="## Train vs validation accuracy")}
+    assert gaps["`pretrain`"]["train - eval"] == "+28.00 ± 1.57 points (+17.8 SE)"
+    assert set(gaps) == {"`pretrain`", "`down_scratch`"}  # the runs that recorded a train accuracy
+    assert "cannot be imported" in text
+
+
+def test_accuracy_against_fraction_plot_draws_vit_and_cnn_from_scratch_with_standard_errors(tmp_path):
+    facts = read_facts(report_like_runs(tmp_path))
+    series = fraction_series(facts)
+    # Only the evaluation set with runs at two or more fractions; fine-tuned runs are never on it.
+    def point(fraction, accuracy):
+        return fraction, accuracy, math.sqrt(accuracy * (1 - accuracy) / 5000)
+
+    assert series == {"ViT: vit_tiny_cifar (1.8M)": [point(0.1, 0.40), point(1.0, 0.60)],
+                      "CNN: cnn_tiny_cifar (1.6M)": [point(0.1, 0.60), point(1.0, 0.70)]}
+
+    figure = plot_accuracy_vs_fraction(facts, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    axes = figure.axes[0]
+    drawn = {container.get_label(): container for container in axes.containers}
+    assert set(drawn) == set(series)
+    for name, points in series.items():
+        line, _, (bars,) = drawn[name]
+        assert list(line.get_xdata()) == [f for f, _, _ in points]
+        assert list(line.get_ydata()) == [a for _, a, _ in points]
+        np.testing.assert_allclose([np.ptp(segment[:, 1]) / 2 for segment in bars.get_segments()],
+                                   [se for _, _, se in points])
+    assert axes.get_xscale() == "log"
+
+
+# ------------------------------------------------------------------------------------------------- study files
+@pytest.mark.parametrize("study_file", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_study_file_in_the_repository_loads_and_dry_runs(tmp_path, capsys, study_file):
+    sets = ["dataset_name=" + str(CIFAR10)] if "cifar10_cpu" in study_file.name else []
+    study = load_study(str(study_file), str(tmp_path / "out"), sets)
+    assert study.runs and len({run.name for run in study.runs}) == len(study.runs)
+    missing = sorted({run.recipe for run in study.runs if run.recipe and not os.path.isfile(run.recipe)})
+    if missing:
+        pytest.skip(f"recipes not written yet: {missing}")
+    main([str(study_file), "--output_dir", str(tmp_path / "out"), "--dry_run",
+          *[arg for item in sets for arg in ("--set", item)]])
+    out = capsys.readouterr().out
+    assert out.count("(new): python run_finetune.py") == len(study.runs)
