@@ -44,7 +44,7 @@ from transformers import AutoImageProcessor, ViTForImageClassification
 
 from hf_vit.config import CONFIG_FILE_NAME, DataArguments, TrainingArguments
 from hf_vit.data import example_key, load_splits, to_rgb
-from hf_vit.errors import UserError, run_cli
+from hf_vit.errors import UserError, raise_user_errors, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -372,10 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--discard_ratio", type=float, default=0.0,
                         help="fraction of the weakest attention dropped per layer (0: the paper's rollout)")
 
-    def one_line_error(message: str):
-        raise UserError(f"{message}; run with --help for the valid options")
-
-    parser.error = one_line_error  # argparse would print the whole usage block and exit
+    raise_user_errors(parser)  # one `error:` line instead of argparse's usage block
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     # Loading and filtering take seconds here; their progress bars would bury the one line that matters.

@@ -32,7 +32,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Hf
 
 from .config import DataArguments
 from .data import ImageSpec, build_eval_data, load_splits, open_dataset
-from .errors import UserError, run_cli
+from .errors import UserError, raise_user_errors, run_cli
 from .models import checkpoint_config, is_vit
 from .runtime import build_accelerator, cpu_only_distributed, main_process_first, setup_logging
 from .scoring import eval_results, evaluate_classifier, format_results_table
@@ -203,10 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser(EvalArguments)
     parser.prog = "python -m hf_vit.eval"
 
-    def one_line_error(message: str):
-        raise UserError(f"{message}; run with --help for the valid options")
-
-    parser.error = one_line_error  # argparse would print the whole usage block and exit
+    raise_user_errors(parser)  # one `error:` line instead of argparse's usage block
     (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
     setup_logging()
     return evaluate(args)

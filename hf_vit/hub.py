@@ -248,7 +248,8 @@ def download_checkpoint(
     """Download ``last-checkpoint/`` of a Hub repo pushed with ``hub_strategy='checkpoint'``; return its local path.
 
     ``download`` defaults to ``api.snapshot_download`` when ``api`` is given, else to
-    ``huggingface_hub.snapshot_download``; tests pass a fake. Raises :class:`UserError` if the download fails or the repo holds no checkpoint.
+    ``huggingface_hub.snapshot_download``; tests pass a fake. Raises :class:`UserError` if the download fails or the
+    repo holds no checkpoint.
     """
     if download is None:
         download = api.snapshot_download if api is not None else snapshot_download

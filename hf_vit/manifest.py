@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError, run_cli
+from .errors import UserError, raise_user_errors, run_cli
 from .run_dir import atomic_write
 
 MANIFEST = "manifest.json"
@@ -109,7 +109,8 @@ def verify_manifest(folder: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hf_vit.manifest", description=__doc__.split("\n\n")[0])
+    parser = raise_user_errors(argparse.ArgumentParser(prog="python -m hf_vit.manifest",
+                                                       description=__doc__.split("\n\n")[0]))
     parser.add_argument("action", choices=["verify", "write"])
     parser.add_argument("checkpoint", help="a checkpoint-<step> folder")
     args = parser.parse_args(argv)

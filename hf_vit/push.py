@@ -12,19 +12,22 @@ import argparse
 import logging
 from pathlib import Path
 
-from hf_vit.errors import UserError, run_cli
+from hf_vit.errors import UserError, raise_user_errors, run_cli
 from hf_vit.checkpoint import complete_checkpoints
 from hf_vit.hub import HubPusher
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hf_vit.push", description=__doc__.splitlines()[0])
+    parser = raise_user_errors(argparse.ArgumentParser(prog="python -m hf_vit.push",
+                                                       description=__doc__.splitlines()[0]))
     parser.add_argument("run_dir", help="the output_dir of a training run")
-    parser.add_argument("--hub_model_id", required=True, help="repo to push to, e.g. user/vit-cifar10 (created if needed)")
+    parser.add_argument("--hub_model_id", required=True,
+                        help="repo to push to, e.g. user/vit-cifar10 (created if needed)")
     parser.add_argument("--private", action="store_true", help="create a new repo as private")
     parser.add_argument("--hub_token", default=None, help="write token (default: HF_TOKEN, then `hf auth login`)")
     parser.add_argument(
-        "--include_checkpoints", action="store_true", help="also push the latest complete checkpoint to last-checkpoint/"
+        "--include_checkpoints", action="store_true",
+        help="also push the latest complete checkpoint to last-checkpoint/"
     )
     return parser.parse_args(argv)
 

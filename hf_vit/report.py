@@ -27,7 +27,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from hf_vit.errors import UserError, run_cli
+from hf_vit.errors import UserError, raise_user_errors, run_cli
 from hf_vit.scoring import format_results_table
 
 # The model card's tags; the family's tag (config.json's model_type: "vit", "resnet", ...) goes between these and
@@ -375,7 +375,8 @@ def _run_names(run_dirs: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m hf_vit.report", description=__doc__.split("\n\n")[0])
+    parser = raise_user_errors(argparse.ArgumentParser(prog="python -m hf_vit.report",
+                                                       description=__doc__.split("\n\n")[0]))
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a finished training run")
     parser.add_argument("--output_dir", default=None, help="write comparison.md and comparison.png here")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
-from .errors import UserError
+from .errors import UserError, install_secret_filter
 
 logger = logging.getLogger("hf_vit")
 
@@ -32,6 +32,7 @@ def setup_logging() -> None:
                         level=logging.INFO if is_main_process_env() else logging.WARNING)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_secret_filter()  # no log line may carry a token, misspelt flag or not
 
 
 def cpu_only_distributed() -> bool:

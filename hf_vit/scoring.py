@@ -7,6 +7,7 @@ of every process are gathered once at the end, and :func:`compute_metrics` runs 
 
 from __future__ import annotations
 
+import contextlib
 from functools import lru_cache
 from numbers import Number
 from typing import Any
@@ -134,8 +135,9 @@ def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: 
     model.eval()
     device = accelerator.device
     logits_all, labels_all, loss_sum = [], [], 0.0
-    with torch.no_grad():
-        for batch in eval_data:
+    # closing: an error mid-way shuts the loader workers down now, not at interpreter exit (where they could hang it)
+    with torch.no_grad(), contextlib.closing(iter(eval_data)) as batches:
+        for batch in batches:
             if not len(batch["labels"]):
                 continue
             with accelerator.autocast():

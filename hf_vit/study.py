@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from hf_vit.config import CONFIG_FILE_NAME, DataArguments, load_recipe, parse_config, validate
-from hf_vit.errors import UserError, run_cli
+from hf_vit.errors import UserError, raise_user_errors, run_cli
 from hf_vit.study_file import STUDY_MANAGED, DerivedDataset, Study, StudyRun, load_study
 
 CHECKPOINT = re.compile(r"^checkpoint-\d+$")
@@ -279,10 +279,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                         help="override a study default (KEY=VALUE) or one run's flag (RUN.KEY=VALUE); repeatable")
     parser.add_argument("--dry_run", action="store_true", help="print each run's status and command; train nothing")
 
-    def one_line_error(message: str):
-        raise UserError(f"{message}; run with --help for the usage")
-
-    parser.error = one_line_error  # argparse would print the whole usage block
+    raise_user_errors(parser)  # one `error:` line instead of argparse's usage block
     args = parser.parse_args(argv)
     return run_study(load_study(args.study, args.output_dir, args.sets), dry_run=args.dry_run)
 

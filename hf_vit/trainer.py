@@ -8,6 +8,7 @@ image processor, results, plots and model card in ``output_dir``. The loop knows
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import CONFIG_FILE_NAME, RunConfig, resolve_batch_sizes, save_config, validate
+from .config import CONFIG_FILE_NAME, RunConfig, check_crop_padding, resolve_batch_sizes, save_config, validate
 from .data import (ImageSpec, batch_mixer, build_eval_data, build_image_processor, build_train_data, load_splits,
                    normalize)
 from .errors import UserError
@@ -124,6 +125,7 @@ class Run:
                 p.requires_grad = is_head(name)
         self.processor = self._image_processor()
         self.spec = ImageSpec.from_processor(self.processor, data_args.crop_padding)
+        check_crop_padding(data_args.crop_padding, self.spec.image_size)  # the preset's size is known only now
 
         self.train_data = build_train_data(self.data, self.spec, data_args, train_args.per_device_train_batch_size,
                                            train_args.seed, acc)
@@ -138,6 +140,9 @@ class Run:
             )
         self.total_steps = train_args.max_train_steps or math.ceil(train_args.num_train_epochs * self.steps_per_epoch)
         self.warmup_steps = round(train_args.warmup_epochs * self.steps_per_epoch)
+        if self.warmup_steps and self.warmup_steps >= self.total_steps:
+            raise UserError(f"warmup_epochs={train_args.warmup_epochs} is {self.warmup_steps} steps, not fewer than "
+                            f"the run's {self.total_steps} steps (max_train_steps); shorten the warmup")
 
         self.optimizer = build_optimizer(self.model.to(acc.device), train_args)
         self.scheduler = build_scheduler(self.optimizer, train_args, self.total_steps, self.warmup_steps)
@@ -223,11 +228,12 @@ class Run:
         start_time, start_step = time.time(), s.global_step
         window, last_eval, preempted, batches = TrainWindow(), None, False, None
         # The signal handler stays on through the final evaluation and save: a signal there lets them finish.
-        with Preemption() as preemption:
+        # closing: on any error the epoch's loader workers are shut down at once, not left to interpreter exit.
+        with Preemption() as preemption, contextlib.ExitStack() as loaders:
             with self._progress_bar() as bar:
                 while s.global_step < self.total_steps and not preempted:
                     if batches is None:  # a new epoch, or the rest of the one a resumed run stopped in
-                        batches = self._epoch_batches()
+                        batches = loaders.enter_context(contextlib.closing(self._epoch_batches()))
                     step = self.train_step(batches, preemption)
                     self._count(step, window)
                     bar.update(1)
@@ -241,12 +247,13 @@ class Run:
                         last_eval = self._evaluate()
                     if end_of_epoch:
                         s.epoch, s.step_in_epoch = s.epoch + 1, 0
-                        batches = None  # shut the epoch's workers down before the next epoch starts new ones
+                        batches.close()  # shut the epoch's workers down before the next epoch starts new ones
+                        batches = None
                         self._check_bad_samples(end_of_epoch=True)
                     preempted = bool(step.stop)
                     if preempted or self._checkpoint_due(end_of_epoch):
                         self.save_checkpoint()
-            batches = None
+            loaders.close()
             if not preempted:
                 if self.eval_data is not None and (last_eval is None or last_eval["step"] != s.global_step):
                     last_eval = self._evaluate()

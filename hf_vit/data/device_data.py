@@ -84,8 +84,8 @@ def decode_split(ds: datasets.Dataset, image_column: str, label_column: str, num
                  image_size: int, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list, dict]:
     """Decode every example of ``ds`` once, on the CPU, in threads (the decoders release the GIL).
 
-    Returns ``(images, labels, keys, bad)``: ``images`` a (N, 3, h, w) uint8 tensor — at the images' own size when they
-    all share one, else resized to ``image_size`` — ``labels`` (N,) int64, ``keys`` the example keys, and ``bad``
+    Returns ``(images, labels, keys, bad)``: ``images`` a (N, 3, h, w) uint8 tensor — at the images' own size when
+    they all share one, else resized to ``image_size`` — ``labels`` (N,) int64, ``keys`` the example keys, and ``bad``
     ``{position: reason}`` for the examples ``DecodeCollate`` rejects (their image slot stays zero, their label 0).
     """
     collate = DecodeCollate(_to_uint8_tensor, image_column, label_column, num_classes, seed=0, train=False)

@@ -2,12 +2,13 @@
 
 On a GPU machine the loader cores can bound ViT-B/16 training on ImageNet: decoding and cropping for one GPU takes
 several cores (docs/scaling.md counts them), more than many GPU nodes have to spare. With this option the workers no
-longer decode plain JPEGs: they read the bytes, draw the example's random-resized-crop box and flip from its header size
-(the same draws, from the same per-example seed, as the CPU path), and hand over the bytes with that plan. On the device
-a whole micro-batch is decoded in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA), then each
-image is cropped, resized with antialiasing, flipped and — with ``augmentation: enhanced`` — augmented with the rest of
-the train transform, its RNG re-seeded from the same per-example seed. Everything that is not a plain RGB or grey JPEG
-(PNG, CMYK, a file without its end-of-image marker) still takes the CPU path in the worker, as do all eval images.
+longer decode plain JPEGs: they read the bytes, draw the example's random-resized-crop box and flip from its header
+size (the same draws, from the same per-example seed, as the CPU path), and hand over the bytes with that plan. On the
+device a whole micro-batch is decoded in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA),
+then each image is cropped, resized with antialiasing, flipped and — with ``augmentation: enhanced`` — augmented with
+the rest of the train transform, its RNG re-seeded from the same per-example seed. Everything that is not a plain RGB
+or grey JPEG (PNG, CMYK, a file without its end-of-image marker) still takes the CPU path in the worker, as do all eval
+images.
 
 On a CPU "device" (no accelerator) the decoder is libjpeg-turbo, the crop and resize are the same kernels, and the RNG
 draws are the same: the batches are bit-identical to the CPU path (tested). On CUDA, nvJPEG's IDCT and chroma

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import datasets
 
-from ..config import DataArguments
-from ..errors import UserError
+from ..config import DataArguments, check_fields
+from ..errors import UserError, raise_user_errors
 from ..hub import is_local_path
 from .keys import example_key, in_subset, in_validation
 
@@ -106,10 +106,20 @@ def count_rows(args: DataArguments, split: str, ds) -> tuple[int | None, str]:
         return info.num_examples, "dataset metadata"
     files = local_data_files(args, split)
     if files and all(f.endswith(".parquet") for f in files):
-        import pyarrow.parquet as pq
-
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files), "parquet metadata"
+        return sum(parquet_rows(f) for f in files), "parquet metadata"
     return None, "unknown"
+
+
+def parquet_rows(path: str) -> int:
+    """The row count in a parquet file's footer; a file that is not readable parquet is a one-line error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"dataset file {path!r} is not readable parquet ({str(err).splitlines()[0]}); replace or "
+                        "remove it") from None
 
 
 def split_examples(args: DataArguments, split: str, ds, image_col: str, label_col: str):
@@ -178,8 +188,13 @@ def open_train(args: DataArguments, loaded=None):
 
 
 def undecoded(ds, image_col: str, label_col: str):
-    """Images left undecoded (the loader workers decode them), only the two columns kept."""
+    """Images left undecoded (the loader workers decode them), labels as plain integers, only the two columns kept.
+
+    A label outside the ClassLabel's range is bad data like an undecodable image: the collate skips and counts it.
+    Left a ClassLabel, a streamed split would raise on it while encoding the row, inside a loader worker.
+    """
     ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    ds = ds.cast_column(label_col, datasets.Value("int64"))
     keep = [image_col, label_col]
     return ds.remove_columns([c for c in ds.column_names if c not in keep]) if ds.column_names else ds
 
@@ -318,10 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "describe":
         raise UserError("usage: python -m hf_vit.data describe --dataset_name NAME [--train_fraction F] [--streaming]")
-    parser = HfArgumentParser(DataArguments)
-    parser.error = lambda message: (_ for _ in ()).throw(UserError(message))
+    parser = raise_user_errors(HfArgumentParser(DataArguments))
     (args,) = parser.parse_args_into_dataclasses(argv[1:])
-    if not 0 < args.train_fraction <= 1:
-        raise UserError(f"train_fraction must be in (0, 1] (got {args.train_fraction})")
+    check_fields(args)
     print(json.dumps(describe(args), indent=2))
 
