@@ -174,6 +174,9 @@ def evaluate(args: EvalArguments) -> dict:
     mean = torch.tensor(spec.mean, device=acc.device)
     std = torch.tensor(spec.std, device=acc.device)
     metrics = evaluate_classifier(model.to(acc.device), eval_data, acc, mean, std, data.label_names)
+    if metrics is None:
+        raise UserError(f"none of the {data.num_eval_examples} examples of {what} of {args.dataset_name!r} could be "
+                        "used (see the warning above); check the images and labels")
 
     results = {**eval_results(metrics), "per_class": metrics["per_class"],
                "confusion_matrix": metrics["confusion_matrix"], "model_name_or_path": args.model_name_or_path,

@@ -8,6 +8,7 @@ of every process are gathered once at the end, and :func:`compute_metrics` runs 
 from __future__ import annotations
 
 import contextlib
+import logging
 from functools import lru_cache
 from numbers import Number
 from typing import Any
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from hf_vit.metrics import load_metric
+
+logger = logging.getLogger("hf_vit")
 
 
 @lru_cache(maxsize=None)
@@ -124,7 +127,8 @@ def format_results_table(results: dict[str, Any], label_names: list[str] | None 
 def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: torch.Tensor,
                         label_names: list[str]) -> dict:
     """Evaluate ``model`` over ``eval_data`` (device batches, :class:`hf_vit.data.EvalData`) exactly once across
-    processes; returns :func:`compute_metrics`'s dict plus ``loss`` (mean cross-entropy) and ``samples``.
+    processes; returns :func:`compute_metrics`'s dict plus ``loss`` (mean cross-entropy) and ``samples``, or None
+    when no eval example was usable.
 
     Ranks may hold different numbers of eval examples, and the batches come from our own sharding rather than a
     loader accelerate prepared, so accelerate's ``gather_for_metrics`` cannot know what to drop: predictions are
@@ -134,10 +138,11 @@ def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: 
 
     model.eval()
     device = accelerator.device
-    logits_all, labels_all, loss_sum = [], [], 0.0
+    logits_all, labels_all, loss_sum, bad = [], [], 0.0, []
     # closing: an error mid-way shuts the loader workers down now, not at interpreter exit (where they could hang it)
     with torch.no_grad(), contextlib.closing(iter(eval_data)) as batches:
         for batch in batches:
+            bad += batch["bad_keys"]
             if not len(batch["labels"]):
                 continue
             with accelerator.autocast():
@@ -145,6 +150,8 @@ def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: 
             loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
             logits_all.append(logits)
             labels_all.append(batch["labels"])
+    if bad:
+        logger.warning("%d eval images were unusable and left out of the evaluation, e.g. %s", len(bad), bad[:3])
     logits = torch.cat(logits_all) if logits_all else torch.zeros(0, len(label_names), device=device)
     labels = torch.cat(labels_all) if labels_all else torch.zeros(0, dtype=torch.long, device=device)
     counts = accelerator.gather(torch.tensor([len(labels)], device=device)).tolist()
@@ -157,6 +164,8 @@ def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: 
         keep = torch.cat([torch.arange(r * width, r * width + c) for r, c in enumerate(counts)])
         logits, labels = logits[keep], labels[keep]
     n = int(sum(counts))
+    if not n:  # every eval image was unusable (the same answer on every rank: the counts are gathered)
+        return None
     metrics = compute_metrics(logits.cpu().numpy(), labels.cpu().numpy(), label_names)
     metrics["loss"] = loss_total / max(1, n)
     metrics["samples"] = n

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import CONFIG_FILE_NAME, RunConfig, check_crop_padding, resolve_batch_sizes, save_config, validate
-from .data import (ImageSpec, batch_mixer, build_eval_data, build_image_processor, build_train_data, load_splits,
+from .data import (ImageSpec, batch_mixer, build_eval_data, build_train_data, image_processor_for, load_splits,
                    normalize)
 from .errors import UserError
+from .guards import check_bad_samples, check_nonfinite_streak, note_bad_examples
 from .models import build_model, check_fits_in_memory, is_vit, model_config, num_parameters, training_flops_per_image
 from .optim import EMA, build_optimizer, build_scheduler, classification_loss, is_head
 from .outputs import hardware_description, write_final_outputs
@@ -111,6 +112,11 @@ class Run:
 
         with main_process_first(acc):
             self.data = load_splits(data_args, train_args.seed)
+        if self.data.eval is not None and self.data.num_eval_examples == 0:
+            raise UserError(f"the evaluation split of {data_args.dataset_name!r} holds no examples (eval_split="
+                            f"{data_args.eval_split!r}, train_val_split={data_args.train_val_split}, max_eval_samples="
+                            f"{data_args.max_eval_samples}); raise train_val_split, or pass --train_val_split 0 to "
+                            "train without evaluation")
         self.label_names = self.data.label_names
         # Refuse what cannot fit before anything is allocated (an image_size typo can ask for hundreds of GB).
         check_fits_in_memory(model_config(cfg.model, self.label_names), train_args.per_device_train_batch_size,
@@ -123,7 +129,8 @@ class Run:
         if cfg.model.freeze_backbone:
             for name, p in self.model.named_parameters():
                 p.requires_grad = is_head(name)
-        self.processor = self._image_processor()
+        self.processor = image_processor_for(self.model.config.image_size, data_args.crop_padding,
+                                             cfg.model.model_name_or_path)
         self.spec = ImageSpec.from_processor(self.processor, data_args.crop_padding)
         check_crop_padding(data_args.crop_padding, self.spec.image_size)  # the preset's size is known only now
 
@@ -183,7 +190,7 @@ class Run:
                                     float(not math.isfinite(loss.item())), 0.0], device=acc.device)
             if len(targets):
                 totals[2] += (logits.argmax(-1) == hard).sum()
-            self._note_bad_examples(batch["bad_keys"])
+            note_bad_examples(self.state, batch["bad_keys"])
         totals[5] = float(preemption is not None and preemption.requested)
         # One small all-reduce per step: every rank takes the same skip/stop decisions.
         step = StepResult(*acc.reduce(totals, "sum").tolist())
@@ -227,6 +234,7 @@ class Run:
         self._begin()
         start_time, start_step = time.time(), s.global_step
         window, last_eval, preempted, batches = TrainWindow(), None, False, None
+        self.evaluated_at = None
         # The signal handler stays on through the final evaluation and save: a signal there lets them finish.
         # closing: on any error the epoch's loader workers are shut down at once, not left to interpreter exit.
         with Preemption() as preemption, contextlib.ExitStack() as loaders:
@@ -237,8 +245,8 @@ class Run:
                     step = self.train_step(batches, preemption)
                     self._count(step, window)
                     bar.update(1)
-                    self._check_nonfinite_streak()
-                    self._check_bad_samples(end_of_epoch=False)
+                    check_nonfinite_streak(s, t.max_nonfinite_steps, t.output_dir)
+                    check_bad_samples(s, self.cfg.data.max_bad_sample_fraction, end_of_epoch=False)
                     if s.global_step % t.logging_steps == 0 or s.global_step == self.total_steps:
                         self._log_train(window, bar)
                         window = TrainWindow()
@@ -249,13 +257,13 @@ class Run:
                         s.epoch, s.step_in_epoch = s.epoch + 1, 0
                         batches.close()  # shut the epoch's workers down before the next epoch starts new ones
                         batches = None
-                        self._check_bad_samples(end_of_epoch=True)
+                        check_bad_samples(s, self.cfg.data.max_bad_sample_fraction, end_of_epoch=True)
                     preempted = bool(step.stop)
                     if preempted or self._checkpoint_due(end_of_epoch):
                         self.save_checkpoint()
             loaders.close()
             if not preempted:
-                if self.eval_data is not None and (last_eval is None or last_eval["step"] != s.global_step):
+                if self.eval_data is not None and self.evaluated_at != s.global_step:
                     last_eval = self._evaluate()
                 results = self._finish(last_eval, time.time() - start_time, s.global_step - start_step)
         self.accelerator.end_training()
@@ -294,33 +302,6 @@ class Run:
             s.nonfinite_in_a_row = 0
         window.add(step)
 
-    def _note_bad_examples(self, bad_keys: list[str]) -> None:
-        s = self.state
-        if bad_keys and len(s.bad_examples) < 10:
-            s.bad_examples.extend(bad_keys[: 10 - len(s.bad_examples)])
-            logger.warning("skipped unusable examples: %s", bad_keys)
-
-    def _check_nonfinite_streak(self) -> None:
-        s = self.state
-        if s.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
-            good = ckpt.complete_checkpoints(self.cfg.train.output_dir)
-            raise UserError(
-                f"{s.nonfinite_in_a_row} non-finite losses or gradients in a row (steps "
-                f"{s.global_step - s.nonfinite_in_a_row + 1}-{s.global_step}); stopping. Lower learning_rate, keep "
-                "max_grad_norm on, or use bf16 instead of fp16; the last good checkpoint is "
-                f"{str(good[-1]) if good else 'none (none was saved before the first one)'}"
-            )
-
-    def _check_bad_samples(self, end_of_epoch: bool) -> None:
-        s, limit = self.state, self.cfg.data.max_bad_sample_fraction
-        seen = s.samples_seen + s.bad_samples
-        # Judge the fraction once it is meaningful: after 1000 images, or at the end of an epoch.
-        if s.bad_samples and (seen >= 1000 or end_of_epoch) and s.bad_samples / seen > limit:
-            raise UserError(
-                f"{s.bad_samples} of {seen} training images were unusable ({s.bad_samples / seen:.1%} > "
-                f"max_bad_sample_fraction={limit}), e.g. {s.bad_examples[:3]}; fix the data or raise the limit"
-            )
-
     def _log_train(self, window: TrainWindow, bar) -> None:
         loss, accuracy = window.means()
         lr = self.scheduler.get_last_lr()[0]
@@ -347,20 +328,6 @@ class Run:
         return due and not self.state.nonfinite_in_a_row
 
     # --------------------------------------------------------------------------------------- setup, evaluation
-    def _image_processor(self):
-        """Mean/std from the checkpoint's processor when fine-tuning (the backbone expects them), else ImageNet's;
-        sizes from the model config."""
-        mean = std = None
-        if self.cfg.model.model_name_or_path:
-            try:
-                from transformers import AutoImageProcessor
-
-                source = AutoImageProcessor.from_pretrained(self.cfg.model.model_name_or_path)
-                mean, std = source.image_mean, source.image_std
-            except (OSError, ValueError):
-                logger.info("No image processor in %s; using ImageNet mean/std", self.cfg.model.model_name_or_path)
-        return build_image_processor(self.model.config.image_size, self.cfg.data.crop_padding, mean, std)
-
     def _begin(self) -> None:
         """Resume if asked, write the resolved config, start the trackers and say what will run."""
         from .hub import HubPusher
@@ -418,11 +385,16 @@ class Run:
         logger.info("Resumed from %s at step %d (epoch %d, step %d of it)", path, self.state.global_step,
                     self.state.epoch, self.state.step_in_epoch)
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self) -> dict | None:
+        """Evaluate (and the EMA weights too); None, with a warning, when no eval image was usable."""
         acc = self.accelerator
+        self.evaluated_at = self.state.global_step
         raw = evaluate_classifier(acc.unwrap_model(self.model), self.eval_data, acc, self.mean, self.std,
                                   self.label_names)
-        raw["step"] = self.state.global_step
+        if raw is None:
+            logger.warning("step %d: evaluation skipped, none of the eval images could be used (see the warning "
+                           "above)", self.state.global_step)
+            return None
         record = {"step": self.state.global_step, "epoch": self.state.global_step / self.steps_per_epoch,
                   **eval_results(raw)}
         if self.ema is not None:

@@ -23,11 +23,12 @@ from .decoding import open_image, to_rgb
 from .factory import EvalData, TrainData, build_eval_data, build_train_data, streaming_note
 from .keys import augmentation_seed, epoch_order, example_key, in_subset, in_validation
 from .sources import DataSplits, describe, load_splits, open_dataset
-from .transforms import ImageSpec, batch_mixer, build_image_processor, eval_transform, normalize, train_transform
+from .transforms import (ImageSpec, batch_mixer, build_image_processor, eval_transform, image_processor_for, normalize,
+                         train_transform)
 
 __all__ = [
     "DataSplits", "EvalData", "ImageSpec", "TrainData", "augmentation_seed", "batch_mixer", "build_eval_data",
-    "build_image_processor", "build_train_data", "describe", "epoch_order", "eval_transform", "example_key",
+    "build_image_processor", "build_train_data", "describe", "image_processor_for", "epoch_order", "eval_transform", "example_key",
     "in_subset", "in_validation", "load_splits", "normalize", "open_dataset", "open_image", "streaming_note",
     "to_rgb", "train_transform",
 ]

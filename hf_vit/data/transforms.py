@@ -9,6 +9,7 @@ the part of the JPEG it covers is decoded.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..config import DataArguments
 from .decoding import ToRGBTensor, as_rgb_tensor, decode_box, to_rgb
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class ImageSpec:
@@ -53,6 +55,21 @@ def build_image_processor(image_size: int, crop_padding: int | None, mean=None, 
     resize = int(math.floor(image_size / 0.875))
     return DeiTImageProcessor(size={"height": resize, "width": resize},
                               crop_size={"height": image_size, "width": image_size}, **common)
+
+
+def image_processor_for(image_size: int, crop_padding: int | None, checkpoint: str | None = None):
+    """The image processor a run saves with its model: sizes from the model's ``image_size``; mean and std from the
+    checkpoint's own processor when fine-tuning (the backbone expects them), else ImageNet's."""
+    mean = std = None
+    if checkpoint:
+        try:
+            from transformers import AutoImageProcessor
+
+            source = AutoImageProcessor.from_pretrained(checkpoint)
+            mean, std = source.image_mean, source.image_std
+        except (OSError, ValueError):
+            logger.info("No image processor in %s; using ImageNet mean/std", checkpoint)
+    return build_image_processor(image_size, crop_padding, mean, std)
 
 
 class RandomResizedCropDecode(torch.nn.Module):
