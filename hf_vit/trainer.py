@@ -170,10 +170,10 @@ class Run:
         """One optimizer step on ``gradient_accumulation_steps`` micro-batches drawn from the iterator ``batches``:
         forward, loss, backward, clipping, AdamW, EMA and the LR schedule; a non-finite loss skips the update.
         Benchmarks time exactly this method (benchmarks/bench_train.py)."""
-        t, acc, model = self.cfg.train, self.accelerator, self.model
+        args, acc, model = self.cfg.train, self.accelerator, self.model
         model.train()
         totals = torch.zeros(len(StepResult._fields), device=acc.device)
-        for _ in range(t.gradient_accumulation_steps):
+        for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
             with acc.accumulate(model):  # gradients are all-reduced only on the step's last micro-batch
                 pixels, targets = normalize(batch["pixel_values"], self.mean, self.std), batch["labels"]
@@ -181,7 +181,7 @@ class Run:
                     pixels, targets = self.mixer(pixels, targets)
                 if len(targets):
                     logits = model(pixel_values=pixels).logits
-                    loss = classification_loss(logits, targets, t.label_smoothing)
+                    loss = classification_loss(logits, targets, args.label_smoothing)
                 else:
                     loss = self._empty_batch_loss(pixels)
                 acc.backward(loss)  # divided by the accumulation steps
@@ -194,8 +194,8 @@ class Run:
         totals[5] = float(preemption is not None and preemption.requested)
         # One small all-reduce per step: every rank takes the same skip/stop decisions.
         step = StepResult(*acc.reduce(totals, "sum").tolist())
-        if not step.nonfinite and t.max_grad_norm:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)  # None under DeepSpeed
+        if not step.nonfinite and args.max_grad_norm:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # None under DeepSpeed
             # A finite loss can still give inf/NaN gradients, and one such update poisons every weight. (Under fp16
             # the grad scaler skips those steps itself, and must see them to lower its scale.) The norm is global,
             # so every rank decides alike.
@@ -230,48 +230,48 @@ class Run:
                 self.lock.release()
 
     def _fit(self) -> dict:
-        t, s = self.cfg.train, self.state
+        args, state = self.cfg.train, self.state
         self._begin()
-        start_time, start_step = time.time(), s.global_step
+        start_time, start_step = time.time(), state.global_step
         window, last_eval, preempted, batches = TrainWindow(), None, False, None
         self.evaluated_at = None
         # The signal handler stays on through the final evaluation and save: a signal there lets them finish.
         # closing: on any error the epoch's loader workers are shut down at once, not left to interpreter exit.
         with Preemption() as preemption, contextlib.ExitStack() as loaders:
             with self._progress_bar() as bar:
-                while s.global_step < self.total_steps and not preempted:
+                while state.global_step < self.total_steps and not preempted:
                     if batches is None:  # a new epoch, or the rest of the one a resumed run stopped in
                         batches = loaders.enter_context(contextlib.closing(self._epoch_batches()))
                     step = self.train_step(batches, preemption)
                     self._count(step, window)
                     bar.update(1)
-                    check_nonfinite_streak(s, t.max_nonfinite_steps, t.output_dir)
-                    check_bad_samples(s, self.cfg.data.max_bad_sample_fraction, end_of_epoch=False)
-                    if s.global_step % t.logging_steps == 0 or s.global_step == self.total_steps:
+                    check_nonfinite_streak(state, args.max_nonfinite_steps, args.output_dir)
+                    check_bad_samples(state, self.cfg.data.max_bad_sample_fraction, end_of_epoch=False)
+                    if state.global_step % args.logging_steps == 0 or state.global_step == self.total_steps:
                         self._log_train(window, bar)
                         window = TrainWindow()
-                    end_of_epoch = s.step_in_epoch == self.steps_per_epoch
+                    end_of_epoch = state.step_in_epoch == self.steps_per_epoch
                     if self._evaluation_due(end_of_epoch):
                         last_eval = self._evaluate()
                     if end_of_epoch:
-                        s.epoch, s.step_in_epoch = s.epoch + 1, 0
+                        state.epoch, state.step_in_epoch = state.epoch + 1, 0
                         batches.close()  # shut the epoch's workers down before the next epoch starts new ones
                         batches = None
-                        check_bad_samples(s, self.cfg.data.max_bad_sample_fraction, end_of_epoch=True)
+                        check_bad_samples(state, self.cfg.data.max_bad_sample_fraction, end_of_epoch=True)
                     preempted = bool(step.stop)
                     if preempted or self._checkpoint_due(end_of_epoch):
                         self.save_checkpoint()
             loaders.close()
             if not preempted:
-                if self.eval_data is not None and self.evaluated_at != s.global_step:
+                if self.eval_data is not None and self.evaluated_at != state.global_step:
                     last_eval = self._evaluate()
-                results = self._finish(last_eval, time.time() - start_time, s.global_step - start_step)
+                results = self._finish(last_eval, time.time() - start_time, state.global_step - start_step)
         self.accelerator.end_training()
         if preempted:
             if self.accelerator.is_main_process:
-                print(f"Preempted: checkpoint saved at step {s.global_step} in {t.output_dir}; resume with "
+                print(f"Preempted: checkpoint saved at step {state.global_step} in {args.output_dir}; resume with "
                       "--resume_from_checkpoint latest", flush=True)
-            return {"preempted": True, "global_step": s.global_step}
+            return {"preempted": True, "global_step": state.global_step}
         return results
 
     # ------------------------------------------------------------------------------------- the loop's helpers
@@ -283,23 +283,23 @@ class Run:
     def _epoch_batches(self):
         """The rest of the current epoch's micro-batches: its order restarted, what it consumed skipped (by count,
         without decoding it)."""
-        s, accumulation = self.state, self.cfg.train.gradient_accumulation_steps
-        self.train_data.set_epoch(s.epoch, skip_micro_batches=s.step_in_epoch * accumulation)
+        state, accumulation = self.state, self.cfg.train.gradient_accumulation_steps
+        self.train_data.set_epoch(state.epoch, skip_micro_batches=state.step_in_epoch * accumulation)
         return iter(self.train_data)
 
     def _count(self, step: StepResult, window: TrainWindow) -> None:
-        s = self.state
-        s.global_step += 1
-        s.step_in_epoch += 1
-        s.samples_seen += int(step.examples)
-        s.bad_samples += int(step.bad)
+        state = self.state
+        state.global_step += 1
+        state.step_in_epoch += 1
+        state.samples_seen += int(step.examples)
+        state.bad_samples += int(step.bad)
         if step.nonfinite:
-            s.nonfinite_steps += 1
-            s.nonfinite_in_a_row += 1
-            logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", s.global_step,
-                           s.nonfinite_in_a_row)
+            state.nonfinite_steps += 1
+            state.nonfinite_in_a_row += 1
+            logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", state.global_step,
+                           state.nonfinite_in_a_row)
         else:
-            s.nonfinite_in_a_row = 0
+            state.nonfinite_in_a_row = 0
         window.add(step)
 
     def _log_train(self, window: TrainWindow, bar) -> None:
@@ -332,15 +332,15 @@ class Run:
         """Resume if asked, write the resolved config, start the trackers and say what will run."""
         from .hub import HubPusher
 
-        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
-        self.pusher = HubPusher.from_config(t) if acc.is_main_process else None
+        cfg, args, acc = self.cfg, self.cfg.train, self.accelerator
+        self.pusher = HubPusher.from_config(args) if acc.is_main_process else None
         if self.resume_path:
             self.load_checkpoint(self.resume_path)
-        self.lock = on_main_process(acc, lambda: prepare_output_dir(t.output_dir, t.overwrite_output_dir,
-                                                                    resuming=t.resume_from_checkpoint is not None))
+        self.lock = on_main_process(acc, lambda: prepare_output_dir(args.output_dir, args.overwrite_output_dir,
+                                                                    resuming=args.resume_from_checkpoint is not None))
         if acc.is_main_process:
-            record_created(t.output_dir, CONFIG_FILE_NAME, TRACKER_DIR)
-            save_config(cfg, t.output_dir)
+            record_created(args.output_dir, CONFIG_FILE_NAME, TRACKER_DIR)
+            save_config(cfg, args.output_dir)
         acc.init_trackers("hf_vit", config={k: v for k, v in cfg.to_dict().items()
                                             if isinstance(v, (int, float, str, bool))})
         model = acc.unwrap_model(self.model)
@@ -351,8 +351,8 @@ class Run:
                     self.data.num_train_examples, self.data.num_train_examples_source, self.data.num_eval_examples,
                     len(self.label_names))
         logger.info("Batch: %d global = %d per device x %d processes x %d accumulation; %d steps/epoch, %d steps, "
-                    "%d warmup", t.total_train_batch_size, t.per_device_train_batch_size, acc.num_processes,
-                    t.gradient_accumulation_steps, self.steps_per_epoch, self.total_steps, self.warmup_steps)
+                    "%d warmup", args.total_train_batch_size, args.per_device_train_batch_size, acc.num_processes,
+                    args.gradient_accumulation_steps, self.steps_per_epoch, self.total_steps, self.warmup_steps)
 
     def save_checkpoint(self) -> None:
         saved = ckpt.save(self.accelerator, self.cfg.train.output_dir, dict(self.state.__dict__), self.model,
@@ -408,14 +408,14 @@ class Run:
 
     def _finish(self, eval_metrics: dict | None, runtime: float, steps_this_run: int) -> dict:
         """Assemble all_results.json and write every final output (the EMA weights when they evaluate better)."""
-        cfg, t, acc, s = self.cfg, self.cfg.train, self.accelerator, self.state
+        cfg, args, acc, state = self.cfg, self.cfg.train, self.accelerator, self.state
         model, final_weights = acc.unwrap_model(self.model), "raw"
-        last_train = next((r for r in reversed(s.log_history) if "train_loss" in r), {})
+        last_train = next((r for r in reversed(state.log_history) if "train_loss" in r), {})
         results = {"train_loss": last_train.get("train_loss"), "train_accuracy": last_train.get("train_accuracy"),
-                   "train_samples_seen": s.samples_seen, "train_skipped_samples": s.bad_samples,
-                   "train_nonfinite_steps": s.nonfinite_steps, "train_runtime": runtime,
-                   "train_samples_per_second": (steps_this_run * t.total_train_batch_size) / max(runtime, 1e-9),
-                   "epoch": s.global_step / self.steps_per_epoch, "global_step": s.global_step,
+                   "train_samples_seen": state.samples_seen, "train_skipped_samples": state.bad_samples,
+                   "train_nonfinite_steps": state.nonfinite_steps, "train_runtime": runtime,
+                   "train_samples_per_second": (steps_this_run * args.total_train_batch_size) / max(runtime, 1e-9),
+                   "epoch": state.global_step / self.steps_per_epoch, "global_step": state.global_step,
                    "num_parameters": num_parameters(model),
                    "training_flops_per_image": training_flops_per_image(model.config)}
         if eval_metrics is not None:
@@ -430,9 +430,9 @@ class Run:
         # copy is a plain module on each rank.)
         state_dict = acc.get_state_dict(self.model) if final_weights == "raw" else None
         if acc.is_main_process:
-            with FinalOutputs(t.output_dir) as staging:  # committed as a whole: a kill leaves the old set or the new
+            with FinalOutputs(args.output_dir) as staging:  # committed as a whole: a kill leaves the old set or the new
                 write_final_outputs(staging, model, state_dict, self.processor, results, eval_metrics, final_weights,
-                                    s.log_history, self.label_names, cfg.to_dict(), hardware_description(acc))
+                                    state.log_history, self.label_names, cfg.to_dict(), hardware_description(acc))
             if eval_metrics is not None:
                 print(f"Final eval accuracy: {eval_metrics['accuracy']:.4f} ({eval_metrics['samples']} images of "
                       f"{cfg.data.dataset_name}, {final_weights} weights)", flush=True)

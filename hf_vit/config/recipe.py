@@ -1,0 +1,138 @@
+"""The recipe file, the command line and the saved copy: from ``--config recipe.yaml`` plus flags to a
+:class:`RunConfig`, and back to ``output_dir/train_config.yaml``.
+
+A run is configured by ``--config recipe.yaml`` (a flat mapping of field names to values) plus command-line flags, which
+win over the recipe. Unknown keys — in the recipe or on the command line — are an error, never silently ignored. The
+fully resolved configuration is written to ``output_dir/train_config.yaml``; passing that file back as ``--config``
+reproduces the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..errors import (UserError, is_secret_name, mask_argv, raise_user_errors, register_argv_secrets,
+                      register_mapping_secrets, register_secret)
+from .checks import FIELD_TYPES, check_fields
+from .groups import ARG_GROUPS, CONFIG_FILE_NAME, SECRET_KEYS, RunConfig
+
+
+# ------------------------------------------------------------------------------------------------ recipe and CLI
+class _DuplicateKey(Exception):
+    pass
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (plain PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # unhashable keys are refused by SafeLoader itself; "<<" merges are resolved by it
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise _DuplicateKey(f"sets {key!r} twice (lines {first_line[key]} and {line}); keep one of them")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+# "key: value" lines, to learn a recipe's secrets before parsing it (a recipe that fails to parse still has them).
+_RECIPE_LINE = re.compile(r"""^\s*["']?([^:#"'\s]+)["']?\s*:\s*["']?([^"'#]*?)["']?\s*(#.*)?$""")
+
+
+def load_recipe(path: str) -> dict:
+    """Read a flat YAML recipe; unknown keys, keys given twice and unreadable files are errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist; pass an existing YAML recipe (see recipes/)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise UserError(f"config file {path!r} cannot be read ({reason}); pass a readable YAML recipe") from None
+    for line in text.splitlines():
+        match = _RECIPE_LINE.match(line)
+        if match and is_secret_name(match.group(1)):
+            register_secret(match.group(2))
+    try:
+        recipe = yaml.load(text, Loader=_RecipeLoader)
+    except _DuplicateKey as err:
+        raise UserError(f"config file {path!r} {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {path!r} is not valid YAML: {problem}{where}") from None
+    except RecursionError:
+        raise UserError(f"config file {path!r} is nested too deeply; a recipe is a flat mapping") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"config file {path!r} must be a mapping of option names to values")
+    register_mapping_secrets(recipe)
+    unknown = sorted((k for k in recipe if k not in FIELD_TYPES), key=str)
+    if unknown:
+        raise UserError(f"unknown config key(s) {unknown} in {path}; run with --help for the valid options")
+    return recipe
+
+
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None) -> RunConfig:
+    """Parse ``--config recipe.yaml`` plus CLI flags (CLI wins) into a :class:`RunConfig` whose every field is in its
+    domain (:func:`check_fields`; relations between fields are :func:`validate`'s).
+
+    ``defaults`` lets an entry script set its own defaults (e.g. run_pretrain.py's preset) below the recipe. The
+    secrets of the command line and the recipe are registered (errors.py) before anything can fail.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    register_argv_secrets(argv)
+    recipe: dict = dict(defaults or {})
+    register_mapping_secrets(recipe)
+    at = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+    if len(at) > 1:
+        raise UserError(f"--config is given {len(at)} times; pass one recipe and override its values with flags")
+    if at:
+        i = at[0]
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise UserError("--config needs a path to a YAML recipe")
+            path = argv[i + 1]
+            del argv[i : i + 2]
+        else:
+            path = argv[i].split("=", 1)[1]
+            del argv[i]
+        recipe.update(load_recipe(path))
+    # allow_abbrev=False: a misspelt prefix such as --learning_rat must be an error, not a silent match.
+    parser = raise_user_errors(HfArgumentParser(ARG_GROUPS, allow_abbrev=False))
+    parser.add_argument("--config", help="YAML recipe; command-line flags override its values.")
+    # Recipe values become parser defaults, so explicit flags still override them; secrets are set afterwards
+    # instead, because --help prints every default.
+    secrets = {key: recipe.pop(key) for key in SECRET_KEYS if key in recipe}
+    parser.set_defaults(**recipe)
+    # Returns the three groups, a namespace holding --config, and the strings no option claimed. No `.args` file
+    # next to the script may add arguments: a run is its recipe plus its flags, nothing else.
+    model, data, train, *_, remaining = parser.parse_args_into_dataclasses(
+        argv, return_remaining_strings=True, look_for_args_file=False)
+    if remaining:
+        raise UserError(f"unknown argument(s) {mask_argv(remaining)}; run with --help for the valid options")
+    cfg = RunConfig(model=model, data=data, train=train)
+    for key, value in secrets.items():
+        group = next(g for g in (model, data, train) if hasattr(g, key))
+        if getattr(group, key) is None:  # not given on the command line, which wins
+            setattr(group, key, value)
+    check_fields(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, output_dir: str) -> str:
+    """Write the resolved config (without secrets) to ``output_dir/train_config.yaml``; return the path."""
+    path = os.path.join(output_dir, CONFIG_FILE_NAME)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    return path
