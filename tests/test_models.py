@@ -345,24 +345,37 @@ def test_a_saved_cnn_folder_loads_with_plain_transformers_auto_classes_and_pipel
     assert proc.stdout.split()[0] == cls and proc.stdout.split()[1] in LABELS
 
 
-def test_a_cnn_preset_trains_through_the_pipeline_and_resumes_to_the_same_weights(tmp_path, cifar10_path):
-    """The same loop, outputs and checkpoints as a ViT: a CNN run killed at a checkpoint resumes bit for bit."""
+def test_a_cnn_preset_trains_through_the_pipeline_pushes_and_resumes_to_the_same_weights(tmp_path, cifar10_path,
+                                                                                       monkeypatch):
+    """The same loop, outputs, checkpoints and Hub push as a ViT: a CNN run pushes its final files (and each
+    checkpoint with hub_strategy checkpoint), and a run killed at a checkpoint resumes bit for bit."""
     import shutil
 
     from safetensors.torch import load_file
+    from test_hub import FakeApi
 
+    import hf_vit.hub as hub
     from hf_vit.trainer import train
 
+    api = FakeApi()
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
     args = ["--model_preset", "cnn_tiny_cifar", "--dataset_name", str(cifar10_path), "--max_train_samples", "320",
             "--max_eval_samples", "64", "--total_train_batch_size", "32", "--num_train_epochs", "2",
             "--warmup_epochs", "0.5", "--crop_padding", "2", "--dataloader_num_workers", "0", "--report_to", "none",
             "--checkpointing_steps", "10"]
     out = tmp_path / "run"
-    results = train(parse_config([*args, "--output_dir", str(out)]))
+    results = train(parse_config([*args, "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id",
+                                  "alice/cnn-run", "--hub_strategy", "checkpoint"]))
     assert results["global_step"] == 20 and results["num_parameters"] == 1_599_178
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "eval_results.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "config.json").read_text())["model_type"] == "convnext"
+    final = api.uploads[-1]
+    assert final.folder == "run" and final.path_in_repo == ""
+    pushed = {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"}
+    assert pushed <= final.files
+    assert {(u.folder, u.path_in_repo) for u in api.uploads[:-1]} >= {("checkpoint-10", "last-checkpoint")}
+    assert "convnext" in (out / "README.md").read_text().lower()
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-10", resumed / "checkpoint-10")
