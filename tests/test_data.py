@@ -1,6 +1,6 @@
-"""The data stage (hf_vit/data.py): loading and column detection, the validation carve-out, the train_fraction subset
+"""The data stage (hf_vit/data/): loading and column detection, the validation carve-out, the train_fraction subset
 and `describe`, the exact sharding rule over processes x workers, resume by count, transforms, MixUp/CutMix, bad
-data — on ../shared/datasets and on small datasets generated here."""
+data — on ../shared/datasets (or conftest's generated stand-ins) and on small datasets generated here."""
 
 from __future__ import annotations
 
@@ -140,17 +140,20 @@ def test_streaming_epoch_length_source_is_said(parquet_200, saved_101):
 
 # ------------------------------------------------------------------------------------------------ subset and describe
 def test_subset_fingerprint_same_streaming_and_map_style_and_count_within_1_percent(cifar10_path):
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in cifar10_path.rglob("*.parquet"))  # 50,000
     base = dict(dataset_name=str(cifar10_path), train_fraction=0.69)
     mapped = describe(DataArguments(**base))
     streamed = describe(DataArguments(**base, streaming=True))
     assert mapped["subset_fingerprint"] == streamed["subset_fingerprint"]
     assert mapped["class_counts"] == streamed["class_counts"]
-    assert mapped["num_examples"] == 50_000 and mapped["num_classes"] == 10
-    assert abs(mapped["selected_examples"] - 0.69 * 50_000) <= 0.01 * 0.69 * 50_000
+    assert mapped["num_examples"] == rows and mapped["num_classes"] == 10
+    assert abs(mapped["selected_examples"] - 0.69 * rows) <= 0.01 * 0.69 * rows
     assert sum(mapped["class_counts"].values()) == mapped["selected_examples"]
     other = describe(DataArguments(**base, subset_seed=1))
     assert other["subset_fingerprint"] != mapped["subset_fingerprint"]
-    assert abs(other["selected_examples"] - 0.69 * 50_000) <= 0.01 * 0.69 * 50_000
+    assert abs(other["selected_examples"] - 0.69 * rows) <= 0.01 * 0.69 * rows
     # What training selects is that subset (less the validation carve-out).
     splits = load_splits(DataArguments(**base, train_val_split=0), seed=0)
     assert splits.num_train_examples == mapped["selected_examples"]
@@ -361,22 +364,36 @@ def test_mode_conversions_keep_the_meaning_of_the_pixels():
     assert to_rgb(half).getpixel((0, 0)) == (128, 128, 128)
 
 
-def test_eval_transform_is_deterministic_and_matches_the_saved_image_processor(imagenet_sample_path):
-    rows = datasets.load_dataset(str(imagenet_sample_path), split="train").select(range(4))
-    for size, padding in ((224, None), (32, 4)):
-        processor = build_image_processor(size, padding)
-        spec = ImageSpec.from_processor(processor, padding)
-        transform = eval_transform(spec)
-        mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
-        for row in rows:
-            ours = transform(row["image"])
-            assert torch.equal(ours, transform(row["image"]))
-            reference = processor(row["image"].convert("RGB"), return_tensors="pt")["pixel_values"]
-            ours = normalize(ours[None], mean, std)
-            assert ours.shape == reference.shape == (1, 3, size, size)
-            # Equal up to the rounding of a resized pixel: at most one uint8 level, in a handful of pixels.
-            off = (ours - reference).abs()
-            assert off.max() <= 1.01 / 255 / min(spec.std) and (off > 1e-4).float().mean() < 0.01
+# transformers 5's DeiTImageProcessor resizes a uint8 tensor with torchvision; eval_transform resizes the PIL image
+# with PIL. Both within one level, but for portrait photos the levels differ in ~12-21% of the pixels at 224 px (the
+# real sample's rows 13, 24, 27, 32, 33, 35 and 36, or any landscape photo transposed), against < 1% for landscape
+# ones.
+PIL_VS_TORCHVISION_RESIZE = pytest.mark.xfail(
+    strict=True, reason="eval_transform resizes with PIL, the saved processor with torchvision: 1-level differences in "
+    "~20% of a portrait's pixels")
+
+
+@pytest.mark.parametrize("size, padding, orientation", [
+    (224, None, "landscape"), pytest.param(224, None, "portrait", marks=PIL_VS_TORCHVISION_RESIZE),
+    (32, 4, "landscape"), (32, 4, "portrait")])
+def test_eval_transform_is_deterministic_and_matches_the_saved_image_processor(imagenet_sample_path, size, padding,
+                                                                               orientation):
+    photos = datasets.load_dataset(str(imagenet_sample_path), split="train").select(range(60))["image"]
+    photos = [p for p in photos if p.width != p.height and (p.width > p.height) == (orientation == "landscape")][:4]
+    assert len(photos) == 4
+    processor = build_image_processor(size, padding)
+    spec = ImageSpec.from_processor(processor, padding)
+    transform = eval_transform(spec)
+    mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+    for photo in photos:
+        ours = transform(photo)
+        assert torch.equal(ours, transform(photo))
+        reference = processor(photo.convert("RGB"), return_tensors="pt")["pixel_values"]
+        ours = normalize(ours[None], mean, std)
+        assert ours.shape == reference.shape == (1, 3, size, size)
+        # Equal up to the rounding of a resized pixel: at most one uint8 level, in a handful of pixels.
+        off = (ours - reference).abs()
+        assert off.max() <= 1.01 / 255 / min(spec.std) and (off > 1e-4).float().mean() < 0.01, photo.size
 
 
 def test_normalize_maps_uint8_to_the_processor_range():
@@ -496,9 +513,9 @@ def test_partial_jpeg_decode_gives_the_pixels_of_the_full_decode():
 
 
 def test_partial_jpeg_decode_survives_corrupt_bytes(imagenet_sample_path):
-    """Random byte errors, cuts and spliced garbage in real photos, random boxes and reductions: every call returns
-    the box's bytes or raises ValueError (the caller then hands the image on), never crashes. (Run by hand under
-    AddressSanitizer with 1,500 cases on 2026-11-30: clean; 9,000 calls: no memory growth.)"""
+    """Random byte errors, cuts and spliced garbage in the ImageNet sample's photos, random boxes and reductions: every
+    call returns the box's bytes or raises ValueError (the caller then hands the image on), never crashes. (Run by hand
+    under AddressSanitizer with 1,500 cases on 2026-11-30: clean; 9,000 calls: no memory growth.)"""
     crop_decoder = pytest.importorskip("hf_vit._jpeg_crop", reason="built only where libjpeg's headers are present")
     photos = datasets.load_dataset(str(imagenet_sample_path), split="train[:40]").cast_column(
         "image", datasets.Image(decode=False))["image"]

@@ -1,5 +1,5 @@
 """The eval command, the folder every run leaves behind (results, plots, model card, tracker logs) and its interop
-with transformers — all from one short training run on real CIFAR-10."""
+with transformers — all from one short training run on CIFAR-10 (the shared copy, or conftest's stand-in)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def assert_png(path):
         image.verify()
 
 
+def same_picture(a, b) -> bool:
+    with Image.open(a) as first, Image.open(b) as second:
+        return np.array_equal(np.asarray(first.convert("RGB")), np.asarray(second.convert("RGB")))
+
+
 # ------------------------------------------------------------------------------------------------ the eval command
 def test_eval_of_the_carved_validation_slice_reproduces_the_training_runs_final_eval(run_dir, single_process_eval):
     out, stdout = single_process_eval
@@ -91,12 +96,16 @@ def test_two_processes_give_the_same_results_as_one(run_dir, single_process_eval
 
 
 def eval_error(args, capsys) -> str:
+    """The one ``error:`` line the eval command ends with (before it, stderr may hold the progress bars of a dataset
+    prepared for the first time on this machine)."""
     with pytest.raises(SystemExit) as exit_info:
         run_cli(hf_eval.main, args)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error: ") for line in lines) == 1, err
+    return lines[-1]
 
 
 def test_a_model_whose_labels_differ_from_the_dataset_is_a_one_line_error(run_dir, imagenet_sample_path, capsys):
@@ -127,13 +136,25 @@ def test_results_go_beside_a_local_model_or_to_eval_name_for_a_hub_id(tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------------ the run folder
-def test_run_folder_holds_results_plots_and_a_model_card_that_parses_back(run_dir):
+def test_run_folder_holds_results_plots_and_a_model_card_that_parses_back(run_dir, tmp_path):
     from huggingface_hub import ModelCard
+
+    from hf_vit.report import plot_confusion_matrix, plot_learning_curve
 
     for name in ("all_results.json", "eval_results.json", "learning_curve.png", "confusion_matrix.png", "README.md"):
         assert (run_dir / name).is_file(), name
     assert_png(run_dir / "learning_curve.png")
     assert_png(run_dir / "confusion_matrix.png")
+    # Each plot is the picture of this run's numbers, pixel for pixel, and not the picture of no numbers.
+    plot_learning_curve(read_json(run_dir / "log_history.json"), tmp_path / "curve.png")
+    plot_learning_curve([], tmp_path / "no_curve.png")
+    assert same_picture(run_dir / "learning_curve.png", tmp_path / "curve.png")
+    assert not same_picture(run_dir / "learning_curve.png", tmp_path / "no_curve.png")
+    names = [read_json(run_dir / "config.json")["id2label"][str(i)] for i in range(10)]
+    plot_confusion_matrix(read_json(run_dir / "eval_results.json")["confusion_matrix"], names, tmp_path / "cm.png")
+    plot_confusion_matrix([[0] * 10 for _ in range(10)], names, tmp_path / "no_cm.png")
+    assert same_picture(run_dir / "confusion_matrix.png", tmp_path / "cm.png")
+    assert not same_picture(run_dir / "confusion_matrix.png", tmp_path / "no_cm.png")
     results = read_json(run_dir / "all_results.json")
     card = ModelCard.load(run_dir / "README.md")
     parsed = {r.metric_type: r.metric_value for r in card.data.eval_results}

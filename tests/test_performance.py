@@ -38,7 +38,7 @@ def _spec(size=32, padding=4):
 
 @pytest.fixture(scope="module")
 def cifar_small(cifar10_path):
-    """200 real CIFAR-10 training images (undecoded), as the trainer loads them."""
+    """200 CIFAR-10 training images (undecoded), as the trainer loads them."""
     args = DataArguments(dataset_name=str(cifar10_path), crop_padding=4, max_train_samples=200)
     return load_splits(args, seed=SEED)
 
@@ -227,7 +227,11 @@ def test_run_finetune_with_data_on_device(tmp_path):
                 "--max_train_steps", "12", "--output_dir", str(out)])
     results = json.loads((out / "all_results.json").read_text())
     assert results["global_step"] == 12 and results["train_samples_seen"] == 12 * 32
-    assert results["train_skipped_samples"] == 0 and 0 <= results["eval_accuracy"] <= 1
+    assert results["train_skipped_samples"] == 0
+    # The final eval scored the 128 held-out images (TINY_ARGS' cap), and the accuracy is their confusion matrix's.
+    matrix = json.loads((out / "eval_results.json").read_text())["confusion_matrix"]
+    assert results["eval_samples"] == sum(map(sum, matrix)) == 128
+    assert results["eval_accuracy"] == sum(matrix[i][i] for i in range(10)) / 128
     assert "data_on_device: true" in (out / "train_config.yaml").read_text()
 
 
@@ -267,8 +271,14 @@ def test_gpu_check_training_part_dry_run(cifar10_path, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("gpu_check_dry_run_*.json")
     result = json.loads(path.read_text())
-    assert result["dry_run"] and result["b"]["epochs"], result
-    assert all(e["seconds"] > 0 and 0 <= e["eval_accuracy"] <= 1 for e in result["b"]["epochs"])
+    b = result["b"]
+    assert result["dry_run"] and b["epochs"], result
+    # An evaluation at the end of every epoch, none missed, each of the dry run's 128 held-out images.
+    assert [e["epoch"] for e in b["epochs"]] == list(range(1, len(b["epochs"]) + 1))
+    assert b["eval_examples"] == 128
+    for e in b["epochs"]:
+        assert e["train_seconds"] > 0 and e["eval_seconds"] > 0
+        assert (e["eval_accuracy"] * 128) == pytest.approx(round(e["eval_accuracy"] * 128))  # a count of 128 images
 
 
 def test_gpu_check_decode_on_device_part_dry_run(cifar10_path, imagenet_sample_path, tmp_path):

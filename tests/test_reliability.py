@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -33,13 +34,16 @@ from safetensors.torch import load_file, save_file
 
 import hf_vit.checkpoint as ckpt
 import run_finetune
-from conftest import TINY_ARGS
+from conftest import CIFAR10, TINY_ARGS
 from hf_vit.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fault_inject", REPO / "benchmarks" / "fault_inject.py")
 fault_inject = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fault_inject)
+# fault_inject trains on HF_VIT_SHARED_DATASETS/cifar10, read when it is imported: the folder this session's CIFAR-10
+# lies in (the shared copy, or conftest's generated stand-in).
+with mock.patch.dict(os.environ, {"HF_VIT_SHARED_DATASETS": str(CIFAR10.parent)}):
+    _spec.loader.exec_module(fault_inject)
 
 SECRET = "hf_SECRET123reliabilityToken"
 
@@ -49,6 +53,7 @@ SECRET = "hf_SECRET123reliabilityToken"
 def references(tmp_path_factory, cifar10_path):
     """Uninterrupted reference runs of benchmarks/fault_inject.py's configuration, map-style and streaming (trained
     concurrently)."""
+    assert fault_inject.CIFAR10 == cifar10_path
     workdir = tmp_path_factory.mktemp("references")
     launches = {mode: fault_inject.Launch(fault_inject.train_command(mode, workdir / f"{mode}-reference"),
                                           workdir / f"{mode}-reference.log") for mode in ("map", "streaming")}
