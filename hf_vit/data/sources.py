@@ -188,13 +188,16 @@ def open_train(args: DataArguments, loaded=None):
 
 
 def undecoded(ds, image_col: str, label_col: str):
-    """Images left undecoded (the loader workers decode them), labels as plain integers, only the two columns kept.
+    """Images left undecoded (the loader workers decode them), only the two columns kept.
 
     A label outside the ClassLabel's range is bad data like an undecodable image: the collate skips and counts it.
-    Left a ClassLabel, a streamed split would raise on it while encoding the row, inside a loader worker.
+    A stream re-encodes every row with its features, which would raise on such a label inside a loader worker, so a
+    stream reads its labels as plain integers (a lazy cast); a map-style split reads them from Arrow as they are (its
+    cast would rewrite the whole table).
     """
     ds = ds.cast_column(image_col, datasets.Image(decode=False))
-    ds = ds.cast_column(label_col, datasets.Value("int64"))
+    if isinstance(ds, datasets.IterableDataset):
+        ds = ds.cast_column(label_col, datasets.Value("int64"))
     keep = [image_col, label_col]
     return ds.remove_columns([c for c in ds.column_names if c not in keep]) if ds.column_names else ds
 
