@@ -288,6 +288,17 @@ def test_a_damaged_checkpoint_is_refused_before_anything_loads(finished, data, t
     assert code == 2 and words in one_error_line(err) and not (tmp_path / "run").exists()
 
 
+def test_a_corrupt_trainer_state_behind_a_valid_manifest_is_one_line_not_a_json_traceback(finished, data, tmp_path):
+    from hf_vit.manifest import write_manifest
+
+    copy = checkpoint_copy(finished, tmp_path)
+    (copy / "trainer_state.json").write_text('{"global_step": 4, "epoch": ')
+    (copy / "manifest.json").unlink()
+    write_manifest(copy)  # as if written so: the manifest matches, the state does not parse
+    code, err = run(args(data, tmp_path / "run", "--resume_from_checkpoint", str(copy)))
+    assert code == 2 and "unreadable trainer_state.json" in one_error_line(err)
+
+
 # --------------------------------------------------------------------------------------------------- SIGTERM
 @pytest.mark.parametrize("phase", ["evaluation", "final evaluation", "final save"])
 def test_sigterm_in_evaluation_or_the_final_save_lets_it_finish_and_exits_0(data, tmp_path, monkeypatch, phase):
