@@ -38,13 +38,13 @@ import PIL.Image
 import torch
 import transformers
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from transformers import AutoImageProcessor, ViTForImageClassification
 
 from hf_vit.config import CONFIG_FILE_NAME, DataArguments, TrainingArguments
 from hf_vit.data import example_key, load_splits, to_rgb
 from hf_vit.errors import UserError, raise_user_errors, run_cli
+from hf_vit.report import new_figure
 
 logger = logging.getLogger(__name__)
 
@@ -250,13 +250,6 @@ def _display_pixels(pixel_values: torch.Tensor, processor) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------------ figure
-def _new_figure(**kwargs) -> Figure:
-    # A bare Figure on an Agg canvas: no pyplot global state and no display needed, so it is safe in any process.
-    figure = Figure(**kwargs)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def plot_rollout(images: np.ndarray, maps: np.ndarray, titles: list[str], wrong: list[bool]) -> Figure:
     """A grid with one axes per image: ``images`` (N, H, W, 3) in [0, 1] with ``maps`` (N, H, W) in [0, 1] overlaid,
     titled ``titles`` (in red where ``wrong``; a title too long for its cell is broken after its first " / ").
@@ -264,7 +257,7 @@ def plot_rollout(images: np.ndarray, maps: np.ndarray, titles: list[str], wrong:
     count = len(images)
     cols = min(count, max(4, math.ceil(math.sqrt(count))))
     rows = math.ceil(count / cols)
-    figure = _new_figure(figsize=(2.4 * cols, 2.6 * rows), layout="constrained")
+    figure = new_figure(figsize=(2.4 * cols, 2.6 * rows), layout="constrained")
     grid = figure.subplots(rows, cols, squeeze=False)
     for i, axes in enumerate(grid.flat):
         if i >= count:
@@ -297,7 +290,7 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
         raise UserError(f"--discard_ratio must be in [0, 1) (got {discard_ratio})")
     output = output or os.path.join(run_dir, DEFAULT_OUTPUT_NAME)
     suffix = os.path.splitext(output)[1].lstrip(".").lower()
-    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    formats = new_figure().canvas.get_supported_filetypes()
     if suffix not in formats:
         raise UserError(f"--output {output!r} needs a file suffix matplotlib writes ({', '.join(sorted(formats))})")
 

@@ -10,23 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .errors import UserError
 from .scoring import eval_results
-
-RUN_MARKERS = ("train_config.yaml", "all_results.json")
-
-
-def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a folder that holds another run, unless overwriting or resuming it."""
-    out = Path(output_dir)
-    if not out.is_dir() or resuming or overwrite:
-        return
-    if any((out / m).exists() for m in RUN_MARKERS) or ckpt.complete_checkpoints(str(out)):
-        raise UserError(
-            f"output_dir {str(out)!r} already holds a run; pass --overwrite_output_dir, "
-            "--resume_from_checkpoint latest, or choose another folder"
-        )
 
 
 def hardware_description(accelerator) -> str:

@@ -49,6 +49,12 @@ class TrainData(Protocol):
     def __iter__(self) -> Iterator[dict]: ...
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch with its tensors (``pixel_values``, ``labels``) on ``device``; a pinned copy runs async."""
+    return {**batch, "pixel_values": batch["pixel_values"].to(device, non_blocking=True),
+            "labels": batch["labels"].to(device, non_blocking=True)}
+
+
 class LoaderTrainData:
     """Train batches from loader workers: an :class:`ExampleStream` sharded over processes x workers, decoded by a
     collate in the workers, and — with ``decode_on_device`` — finished on the device by ``finish``."""
@@ -71,10 +77,7 @@ class LoaderTrainData:
         with torch.random.fork_rng(devices=[]):
             batches = iter(self.loader)
         for batch in batches:
-            if self.finish is not None:
-                batch = self.finish(batch)
-            yield {**batch, "pixel_values": batch["pixel_values"].to(self.device, non_blocking=True),
-                   "labels": batch["labels"].to(self.device, non_blocking=True)}
+            yield to_device(self.finish(batch) if self.finish is not None else batch, self.device)
 
 
 class EvalData:
@@ -87,8 +90,7 @@ class EvalData:
     def __iter__(self) -> Iterator[dict]:
         self.stream.set_epoch(0)
         for batch in self.loader:
-            yield {**batch, "pixel_values": batch["pixel_values"].to(self.device, non_blocking=True),
-                   "labels": batch["labels"].to(self.device, non_blocking=True)}
+            yield to_device(batch, self.device)
 
 
 def build_train_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, per_device_batch: int, seed: int,
