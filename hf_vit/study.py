@@ -25,18 +25,17 @@ import contextlib
 import gc
 import json
 import os
-import re
 import shlex
 import shutil
 from pathlib import Path
 
 import yaml
 
+from hf_vit.checkpoint import complete_checkpoints
 from hf_vit.config import CONFIG_FILE_NAME, DataArguments, load_recipe, parse_config, validate
 from hf_vit.errors import UserError, raise_user_errors, run_cli
 from hf_vit.study_file import STUDY_MANAGED, DerivedDataset, Study, StudyRun, load_study
 
-CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 DATASET_SPEC_FILE = "study_dataset.json"
 # Flags that change how a run is executed or logged, not what it computes: a finished run is not stale over them.
 HOW_FLAGS = frozenset({*STUDY_MANAGED, "dataloader_num_workers", "per_device_eval_batch_size", "eval_steps",
@@ -47,12 +46,12 @@ HOW_FLAGS = frozenset({*STUDY_MANAGED, "dataloader_num_workers", "per_device_eva
 
 # --------------------------------------------------------------------------------------------------- run folders
 def run_status(run: StudyRun) -> str:
-    """``done`` (all_results.json), ``resume`` (a checkpoint-<step> folder), ``restart`` (an interrupted run without
-    a checkpoint) or ``new``."""
+    """``done`` (all_results.json), ``resume`` (a complete checkpoint-<step> folder, the one ``latest`` resumes),
+    ``restart`` (an interrupted run without one) or ``new``."""
     folder = run.output_dir
     if (folder / "all_results.json").is_file():
         return "done"
-    if folder.is_dir() and any(p.is_dir() and CHECKPOINT.match(p.name) for p in folder.iterdir()):
+    if complete_checkpoints(folder):
         return "resume"
     return "restart" if (folder / CONFIG_FILE_NAME).is_file() else "new"
 

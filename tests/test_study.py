@@ -200,8 +200,9 @@ def fake_run(study, name: str, state: str) -> None:
     (run.output_dir / "train_config.yaml").write_text(yaml.safe_dump(parse_config(run.argv()).to_dict()))
     if state == "done":
         (run.output_dir / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.5}))
-    if state == "resume":
+    if state == "resume":  # a complete checkpoint: the folder holds its state file
         (run.output_dir / "checkpoint-3").mkdir()
+        (run.output_dir / "checkpoint-3" / "trainer_state.json").write_text("{}")
 
 
 def test_dry_run_prints_each_runs_state_and_command_and_trains_nothing(tmp_path, capsys):
