@@ -21,17 +21,16 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import CONFIG_FILE_NAME, RunConfig, check_crop_padding, resolve_batch_sizes, save_config, validate
-from .data import (ImageSpec, batch_mixer, build_eval_data, build_train_data, image_processor_for, load_splits,
-                   normalize)
+from .config import CONFIG_FILE_NAME, RunConfig, check_crop_padding, save_config
+from .data import ImageSpec, batch_mixer, build_eval_data, build_train_data, image_processor_for, normalize
 from .errors import UserError
 from .guards import check_bad_samples, check_nonfinite_streak, note_bad_examples
 from .models import build_model, check_fits_in_memory, is_vit, model_config, num_parameters, training_flops_per_image
 from .optim import EMA, build_optimizer, build_scheduler, classification_loss, is_head
 from .outputs import hardware_description, write_final_outputs
+from .plan import RunPlan, check_plan, make_plan
 from .run_dir import TRACKER_DIR, FinalOutputs, check_output_dir, prepare_output_dir, record_created
-from .runtime import (Preemption, build_accelerator, configure_deepspeed, main_process_first, on_main_process,
-                      setup_logging)
+from .runtime import Preemption, build_accelerator, configure_deepspeed, on_main_process, setup_logging
 from .scoring import eval_results, evaluate_classifier
 
 logger = logging.getLogger("hf_vit")
@@ -87,13 +86,17 @@ class TrainWindow:
 class Run:
     """One training run: builds everything from a RunConfig; ``fit()`` trains and writes the outputs."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        train_args, data_args = cfg.train, cfg.data
-        validate(cfg)
+    def __init__(self, plan: RunPlan | RunConfig):
+        if isinstance(plan, RunConfig):  # a config alone: resolve its plan for this launch first
+            plan = make_plan(plan)
+        check_plan(plan)
+        self.plan, self.cfg, self.data = plan, plan.cfg, plan.splits
+        cfg, train_args, data_args = plan.cfg, plan.cfg.train, plan.cfg.data
         self.accelerator = acc = build_accelerator(train_args.mixed_precision, train_args.report_to,
                                                    train_args.output_dir, train_args.gradient_accumulation_steps)
-        resolve_batch_sizes(train_args, acc.num_processes)
+        if acc.num_processes != plan.processes:
+            raise UserError(f"the run plan was made for {plan.processes} processes but this launch has "
+                            f"{acc.num_processes}; plan it under the same launch")
         if acc.distributed_type == DistributedType.DEEPSPEED:
             configure_deepspeed(acc.state.deepspeed_plugin.deepspeed_config, train_args)
         self.resume_path = None
@@ -110,13 +113,6 @@ class Run:
         self.lock = None
         set_seed(train_args.seed)
 
-        with main_process_first(acc):
-            self.data = load_splits(data_args, train_args.seed)
-        if self.data.eval is not None and self.data.num_eval_examples == 0:
-            raise UserError(f"the evaluation split of {data_args.dataset_name!r} holds no examples (eval_split="
-                            f"{data_args.eval_split!r}, train_val_split={data_args.train_val_split}, max_eval_samples="
-                            f"{data_args.max_eval_samples}); raise train_val_split, or pass --train_val_split 0 to "
-                            "train without evaluation")
         self.label_names = self.data.label_names
         # Refuse what cannot fit before anything is allocated (an image_size typo can ask for hundreds of GB).
         check_fits_in_memory(model_config(cfg.model, self.label_names), train_args.per_device_train_batch_size,
@@ -134,22 +130,11 @@ class Run:
         self.spec = ImageSpec.from_processor(self.processor, data_args.crop_padding)
         check_crop_padding(data_args.crop_padding, self.spec.image_size)  # the preset's size is known only now
 
-        self.train_data = build_train_data(self.data, self.spec, data_args, train_args.per_device_train_batch_size,
-                                           train_args.seed, acc)
+        self.train_data = build_train_data(self.data, self.spec, data_args, plan.topology, train_args.seed, acc)
         self.eval_data = build_eval_data(self.data, self.spec, data_args, train_args.per_device_eval_batch_size,
                                          train_args.seed, acc)
-        self.steps_per_epoch = self.train_data.num_micro_batches // train_args.gradient_accumulation_steps
-        if self.steps_per_epoch == 0:
-            raise UserError(
-                f"an epoch of {self.data.num_train_examples} examples is smaller than one optimizer step of "
-                f"{train_args.total_train_batch_size} (x {max(1, data_args.dataloader_num_workers)} loader workers "
-                "per process); lower total_train_batch_size or dataloader_num_workers"
-            )
-        self.total_steps = train_args.max_train_steps or math.ceil(train_args.num_train_epochs * self.steps_per_epoch)
-        self.warmup_steps = round(train_args.warmup_epochs * self.steps_per_epoch)
-        if self.warmup_steps and self.warmup_steps >= self.total_steps:
-            raise UserError(f"warmup_epochs={train_args.warmup_epochs} is {self.warmup_steps} steps, not fewer than "
-                            f"the run's {self.total_steps} steps (max_train_steps); shorten the warmup")
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = (plan.steps_per_epoch, plan.total_steps,
+                                                                     plan.warmup_steps)
 
         self.optimizer = build_optimizer(self.model.to(acc.device), train_args)
         self.scheduler = build_scheduler(self.optimizer, train_args, self.total_steps, self.warmup_steps)
@@ -340,7 +325,9 @@ class Run:
                                                                     resuming=args.resume_from_checkpoint is not None))
         if acc.is_main_process:
             record_created(args.output_dir, CONFIG_FILE_NAME, TRACKER_DIR)
-            save_config(cfg, args.output_dir)
+            # The effective precision (the launcher's when the flag was unset), so the file repeats this run as --config.
+            cfg.train.mixed_precision = acc.mixed_precision
+            save_config(cfg, args.output_dir, plan=self.plan.to_dict())
         acc.init_trackers("hf_vit", config={k: v for k, v in cfg.to_dict().items()
                                             if isinstance(v, (int, float, str, bool))})
         model = acc.unwrap_model(self.model)
@@ -355,16 +342,29 @@ class Run:
                     args.gradient_accumulation_steps, self.steps_per_epoch, self.total_steps, self.warmup_steps)
 
     def save_checkpoint(self) -> None:
-        saved = ckpt.save(self.accelerator, self.cfg.train.output_dir, dict(self.state.__dict__), self.model,
-                          self.processor, self.ema)
+        # Every checkpoint records the run's identity (and the changes a resume accepted), so that a resume can tell
+        # whether it continues the same run (checkpoint.check_identity).
+        state = {**self.state.__dict__, "identity": self._run_identity(),
+                 "accepted_changes": getattr(self, "_accepted_changes", [])}
+        saved = ckpt.save(self.accelerator, self.cfg.train.output_dir, state, self.model, self.processor, self.ema)
         if saved is not None:
             ckpt.rotate(self.cfg.train.output_dir, self.cfg.train.checkpoints_total_limit)
             if self.pusher is not None:
                 self.pusher.on_save(str(saved))
         self.accelerator.wait_for_everyone()
 
+    def _run_identity(self) -> dict:
+        if getattr(self, "_identity", None) is None:
+            self._identity = ckpt.run_identity(self.cfg.to_dict(), self.accelerator.unwrap_model(self.model).config,
+                                               self.data)
+        return self._identity
+
     def load_checkpoint(self, path: str) -> None:
+        args = self.cfg.train
+        accepted = ckpt.parse_accepted_changes(getattr(args, "resume_accept_changes", None))
+        ckpt.check_not_replacing_a_finished_run(path, args.output_dir, args.overwrite_output_dir)
         saved = ckpt.load(self.accelerator, path, self.state.layout, self.ema)
+        saved_identity, history = saved.pop("identity", None), saved.pop("accepted_changes", [])
         plan, saved_plan = self.state.epoch_plan, saved.pop("epoch_plan", None)
         if saved["step_in_epoch"] and saved_plan not in (None, plan):
             raise UserError(f"checkpoint {path!r} is mid-epoch in an epoch of {saved_plan}, this run's epoch has "
@@ -374,6 +374,13 @@ class Run:
             raise UserError(f"checkpoint {path!r} is at step {saved['step_in_epoch']} of an epoch, past the end of "
                             f"this run's epochs of {self.steps_per_epoch} steps; resume with the data settings it was "
                             "written with")
+        changes = ckpt.check_identity(path, saved_identity, self._run_identity(), accepted)
+        self._accepted_changes = list(history) + [
+            {"key": key, "checkpoint": old, "now": new, "at_step": saved["global_step"]}
+            for key, (old, new) in changes.items()]
+        for key, (old, new) in changes.items():
+            logger.warning("resuming %s with %s changed (%r -> %r), as --resume_accept_changes allows; the run's "
+                           "checkpoints record it", path, key, old, new)
         for key, value in saved.items():
             setattr(self.state, key, value)
         # The schedule is a pure function of the step: rebuild its position instead of unpickling it. Stepping it before
@@ -443,6 +450,15 @@ class Run:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Train according to ``cfg``; returns the final results (also written to all_results.json)."""
+    """Train according to ``cfg``; returns the final results (also written to all_results.json). With ``dry_run``,
+    print the run plan and return it, training and writing nothing (a refused plan is still a one-line error)."""
     setup_logging()
-    return Run(cfg).fit()
+    plan = make_plan(cfg)
+    if cfg.train.dry_run:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(plan.describe(), flush=True)
+        check_plan(plan)
+        return {"dry_run": True, **plan.to_dict()}
+    return Run(plan).fit()

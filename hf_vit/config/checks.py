@@ -117,8 +117,10 @@ DOMAINS: dict[str, Domain] = {
     "head_lr_multiplier": POSITIVE, "layer_decay": Domain(0, 1, low_open=True), "label_smoothing": BELOW_ONE,
     "max_grad_norm": NON_NEGATIVE,  # 0 (or null) turns clipping off
     "ema_decay": Domain(0, 1, low_open=True, high_open=True), "mixed_precision": ANY, "torch_compile": ANY,
+    "dry_run": ANY,
     "eval_steps": COUNT, "logging_steps": COUNT, "checkpointing_steps": Domain(words=("epoch", "no")),
     "resume_from_checkpoint": TEXT, "checkpoints_total_limit": COUNT, "max_nonfinite_steps": COUNT,
+    "resume_accept_changes": TEXT,  # identity keys, checked against the checkpoint's at resume
     "report_to": TEXT, "push_to_hub": ANY, "hub_model_id": TEXT, "hub_private_repo": ANY, "hub_strategy": ANY,
     "hub_token": TEXT,
 }
@@ -253,6 +255,9 @@ def validate(cfg: RunConfig) -> None:
                         "ViTForImageClassification and datasets load as parquet or image files, so no repository "
                         "code is ever needed; leave it off")
     check_output_dir_path(t.output_dir)
+    from ..run_dir import check_outside_dataset  # an output folder inside the data would become data
+
+    check_outside_dataset(t.output_dir, d.dataset_name)
     _check_hub_repo_id(t)
 
 

@@ -65,15 +65,17 @@ class DataArguments:
         default=None,
         metadata={"help": "Examples per epoch when streaming metadata does not say (used for the LR schedule)."},
     )
-    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer for streaming datasets."})
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={"help": "Shuffle buffer of a stream walked whole (stream_sharding exact); shards shuffle per unit."},
+    )
     stream_sharding: Literal["exact", "shards"] = field(
-        default="exact",
-        metadata={"help": "How a stream is split over the C = processes x loader workers consumers. 'exact': every "
-                          "consumer reads the whole stream and keeps its blocks (every example exactly once per "
-                          "epoch, the same batches for any process count; reads grow with C). 'shards': each consumer "
-                          "reads only its own share of the stream's shards, redrawn every epoch (each record read "
-                          "once; needs >= C shards; examples past what the smallest share holds sit the epoch out). "
-                          "See docs/scaling.md."},
+        default="shards",
+        metadata={"help": "How a stream is split over the C = processes x loader workers consumers. 'shards': each "
+                          "consumer reads its own contiguous range of the epoch's seeded line of shards (parquet: row "
+                          "groups), so each record is read about once and every record but less than one global batch "
+                          "is used. 'exact': every consumer walks the whole stream and keeps its micro-batches (reads "
+                          "grow with C; the run plan refuses it above 1.25x). See hf_vit/data/sharding.py."},
     )
     train_fraction: float = field(
         default=1.0, metadata={"help": "Keep this deterministic pseudo-random fraction of the training set."}
@@ -147,6 +149,9 @@ class TrainingArguments:
         default=None, metadata={"help": "Autocast precision; unset: the accelerate config's (or 'no')."}
     )
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Print the run plan (steps, data use, reads, checkpoints, time) and exit."}
+    )
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (default: each epoch)."})
     logging_steps: int = field(default=10, metadata={"help": "Log train loss and LR every N steps."})
     checkpointing_steps: Optional[str] = field(
@@ -154,6 +159,11 @@ class TrainingArguments:
     )
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "Checkpoint folder, 'latest' (newest in output_dir), or a Hub repo id."}
+    )
+    resume_accept_changes: Optional[str] = field(
+        default=None, metadata={"help": "Comma list of run-identity keys (e.g. seed,num_train_epochs) a resume may "
+                                        "change deliberately; without it a resume whose seed, data, model or schedule "
+                                        "differ from the checkpoint's is refused. The checkpoints record the change."}
     )
     checkpoints_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": "Stop after this many non-finite losses in a row."})

@@ -47,6 +47,10 @@ class _RecipeLoader(yaml.SafeLoader):
 _RECIPE_LINE = re.compile(r"""^\s*["']?([^:#"'\s]+)["']?\s*:\s*["']?([^"'#]*?)["']?\s*(#.*)?$""")
 
 
+# The key under which train_config.yaml records the run plan (hf_vit.plan); ignored when the file is read back.
+PLAN_KEY = "run_plan"
+
+
 def load_recipe(path: str) -> dict:
     """Read a flat YAML recipe; unknown keys, keys given twice and unreadable files are errors."""
     if not os.path.isfile(path):
@@ -77,6 +81,7 @@ def load_recipe(path: str) -> dict:
     if not isinstance(recipe, dict):
         raise UserError(f"config file {path!r} must be a mapping of option names to values")
     register_mapping_secrets(recipe)
+    recipe.pop(PLAN_KEY, None)  # a saved run's plan: what the run resolved, not a setting
     unknown = sorted((k for k in recipe if k not in FIELD_TYPES), key=str)
     if unknown:
         raise UserError(f"unknown config key(s) {unknown} in {path}; run with --help for the valid options")
@@ -130,9 +135,13 @@ def parse_config(argv: list[str] | None = None, defaults: dict | None = None) ->
     return cfg
 
 
-def save_config(cfg: RunConfig, output_dir: str) -> str:
-    """Write the resolved config (without secrets) to ``output_dir/train_config.yaml``; return the path."""
+def save_config(cfg: RunConfig, output_dir: str, plan: dict | None = None) -> str:
+    """Write the resolved config (without secrets) to ``output_dir/train_config.yaml``, with the run's plan under
+    ``run_plan`` (a record: read back as ``--config``, it is ignored); return the path."""
     path = os.path.join(output_dir, CONFIG_FILE_NAME)
+    record = cfg.to_dict()
+    if plan is not None:
+        record[PLAN_KEY] = plan
     with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        yaml.safe_dump(record, f, sort_keys=False)
     return path

@@ -9,9 +9,9 @@ workers take cores from the model. Here (``data_on_device: true``):
   ``images``, a (N, 3, h, w) uint8 tensor on ``accelerator.device``, at its own size when all images share one (CIFAR:
   32x32), else resized to the model's ``image_size``. Unusable examples keep their slot (so positions match the
   dataset) but never reach a batch; each batch reports the ones it skipped in ``bad_keys``, as the loader does.
-* **The same sharding rule as ``ExampleStream``** with one consumer per process: the epoch order is the same seeded
-  permutation, cut into blocks of ``per_device_batch``; block b goes to rank ``b % processes``; only complete rounds
-  are used. Exactly-once coverage, equal step counts per rank and skip-by-count resume carry over unchanged.
+* **The sharding rule of every path** (:mod:`hf_vit.data.sharding`) with one consumer per process: the same seeded
+  epoch order, the same positions per micro-batch and rank, fewer than one global batch left out per epoch.
+  Exactly-once coverage, equal step counts per rank and skip-by-count resume carry over unchanged.
 * **Batched augmentation on the device**, the per-example transform's pipeline in the same order: resize to
   ``image_size`` when the stored size differs (CIFAR 32 -> 224 for ViT-B/16), reflect-pad by ``crop_padding`` and crop
   at a random offset per example, flip half of the examples; with ``augmentation: enhanced``, TrivialAugmentWide and
@@ -44,6 +44,7 @@ from ..errors import UserError
 from .decoding import open_image, to_rgb
 from .keys import epoch_generator, epoch_order, example_key, position_seed
 from .loader import DecodeCollate
+from .sharding import Topology, map_positions, worker_micro_batches
 from .transforms import ImageSpec, random_erasing
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class DeviceTrainData:
     """
 
     def __init__(self, ds, image_column: str, label_column: str, num_classes: int, spec: ImageSpec,
-                 args: DataArguments, block_size: int, rank: int, world: int, seed: int,
+                 args: DataArguments, topology: Topology, rank: int, seed: int,
                  device: torch.device | str = "cpu", decode_threads: int | None = None):
         if not isinstance(ds, datasets.Dataset):
             raise UserError("data_on_device needs a map-style dataset that fits in memory; drop --streaming or "
@@ -146,12 +147,13 @@ class DeviceTrainData:
             raise UserError("data_on_device supports pad-and-crop training only (CIFAR-style); set --crop_padding "
                             "(e.g. 4 at 32 px) or drop --data_on_device for random-resized crops")
         self.device = torch.device(device)
-        self.block, self.rank, self.world, self.seed = block_size, rank, world, seed
+        self.topology, self.rank, self.seed = topology, rank, seed
         self.size, self.padding = spec.image_size, spec.crop_padding
         self.epoch, self.skip = 0, 0
-        self.num_micro_batches = self.micro_batches_per_epoch(len(ds))
+        self.num_micro_batches = topology.micro_batches(len(ds))
         # One consumer per process: it shards like a loader without workers.
-        self.layout = {"num_processes": world, "dataloader_num_workers": 0, "per_device_train_batch_size": block_size}
+        self.layout = {"num_processes": topology.processes, "dataloader_num_workers": 0,
+                       "per_device_train_batch_size": topology.micro_batch}
         self._check_fits(ds, image_column, spec.image_size)
         images, labels, self.keys, self.bad = decode_split(ds, image_column, label_column, num_classes,
                                                            spec.image_size, decode_threads)
@@ -188,18 +190,8 @@ class DeviceTrainData:
             )
 
     # ---------------------------------------------------------------------------------------- the TrainData contract
-    @property
-    def consumers(self) -> int:
-        return self.world  # one consumer per process: there are no loader workers
-
     def set_epoch(self, epoch: int, skip_micro_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_micro_batches
-
-    def micro_batches_per_epoch(self, num_examples: int) -> int:
-        return num_examples // (self.consumers * self.block)
-
-    def __len__(self) -> int:
-        return self.micro_batches_per_epoch(len(self.images))
 
     def epoch_order(self) -> torch.Tensor:
         """The epoch's permutation of dataset positions — ``ExampleStream``'s, from (seed, epoch)."""
@@ -213,13 +205,12 @@ class DeviceTrainData:
         return offsets, flips
 
     def __iter__(self):
-        n, round_size = len(self.images), self.consumers * self.block
         order = self.epoch_order()
         offsets, flips = (t.to(self.device) for t in self.epoch_params())
         order_device = order.to(self.device)
-        for r in range(self.skip, n // round_size):
-            start = r * round_size + self.rank * self.block
-            positions = slice(start, start + self.block)
+        for i in worker_micro_batches(self.num_micro_batches, self.skip, 0, 1):
+            positions = map_positions(i, self.rank, self.topology)
+            start = positions.start
             indices, index_device = order[positions], order_device[positions]
             pos_offsets, pos_flips, bad_keys = offsets[positions], flips[positions], []
             if self.valid is not None and not bool(self.valid[indices].all()):
@@ -231,7 +222,7 @@ class DeviceTrainData:
                 pos_offsets, pos_flips = pos_offsets[keep_device], pos_flips[keep_device]
             pixels = self.augment(self.images[index_device], pos_offsets, pos_flips, start)
             yield {"pixel_values": pixels, "labels": self.labels[index_device], "indices": indices,
-                   "bad_keys": bad_keys, "num_examples": self.block}
+                   "bad_keys": bad_keys, "num_examples": self.topology.micro_batch}
 
     # ------------------------------------------------------------------------------------------- augmentation
     def augment(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, start: int) -> torch.Tensor:
@@ -259,12 +250,4 @@ class DeviceTrainData:
     def keys_of(self, indices: torch.Tensor) -> list[str]:
         """Example keys (``data.example_key``) of dataset positions, e.g. a batch's ``indices``."""
         return [self.keys[i] for i in indices.tolist()]
-
-
-def build_device_train_data(splits, spec: ImageSpec, args: DataArguments, block_size: int, rank: int, world: int,
-                            seed: int, device) -> DeviceTrainData:
-    """``DeviceTrainData`` for the train split of ``data.load_splits``'s result."""
-    return DeviceTrainData(splits.train, splits.image_column, splits.label_column, len(splits.label_names), spec,
-                           args, block_size, rank, world, seed, device)
-
 

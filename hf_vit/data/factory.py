@@ -19,7 +19,6 @@ a new class with this contract and a branch in :func:`build_train_data`.
 
 from __future__ import annotations
 
-import logging
 from typing import Iterator, Protocol
 
 import torch
@@ -27,15 +26,10 @@ import torch
 from ..config import DataArguments
 from .device_data import DeviceTrainData
 from .device_jpeg import DeviceJpegDecoder, JpegPlanCollate
-from .loader import DecodeCollate, ExampleStream, build_loader
-from .sources import DataSplits
+from .loader import DecodeCollate, ExampleStream, TrainStream, build_loader
+from .sharding import Topology
+from .sources import DataSplits, local_data_files
 from .transforms import ImageSpec, eval_transform, train_transform
-
-logger = logging.getLogger(__name__)
-
-# Processes up to which streaming's read-everything sharding keeps up with ViT-B/16 on H200-class GPUs (computed in
-# docs/scaling.md, "Streaming: read amplification").
-STREAMING_PROCESSES_THAT_KEEP_UP = 4
 
 
 class TrainData(Protocol):
@@ -56,16 +50,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class LoaderTrainData:
-    """Train batches from loader workers: an :class:`ExampleStream` sharded over processes x workers, decoded by a
-    collate in the workers, and — with ``decode_on_device`` — finished on the device by ``finish``."""
+    """Train batches from loader workers: a :class:`TrainStream` (this rank's micro-batches by the sharding rule),
+    decoded by a collate in the workers, and — with ``decode_on_device`` — finished on the device by ``finish``. The
+    workers start once and live across epochs."""
 
-    def __init__(self, stream: ExampleStream, collate: DecodeCollate, num_workers: int, device: torch.device,
-                 num_examples: int, finish=None):
+    def __init__(self, stream: TrainStream, collate: DecodeCollate, num_workers: int, device: torch.device,
+                 finish=None):
         self.stream, self.collate, self.device, self.finish = stream, collate, device, finish
-        self.loader = build_loader(stream, collate, num_workers, pin_memory=device.type == "cuda")
-        self.num_micro_batches = stream.micro_batches_per_epoch(num_examples)
-        self.layout = {"num_processes": stream.world, "dataloader_num_workers": num_workers,
-                       "per_device_train_batch_size": stream.block}
+        self.loader = build_loader(stream, collate, num_workers, pin_memory=device.type == "cuda", persistent=True)
+        self.num_micro_batches = stream.num_micro_batches
+        self.layout = {"num_processes": stream.topology.processes, "dataloader_num_workers": num_workers,
+                       "per_device_train_batch_size": stream.topology.micro_batch}
 
     def set_epoch(self, epoch: int, skip_micro_batches: int = 0) -> None:
         self.stream.set_epoch(epoch, skip_micro_batches)
@@ -88,23 +83,44 @@ class EvalData:
         self.loader = build_loader(stream, collate, num_workers, pin_memory=device.type == "cuda")
 
     def __iter__(self) -> Iterator[dict]:
-        self.stream.set_epoch(0)
         for batch in self.loader:
             yield to_device(batch, self.device)
 
 
-def build_train_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, per_device_batch: int, seed: int,
+def train_topology(args: DataArguments, per_device_batch: int, processes: int, accumulation: int) -> Topology:
+    """Who consumes the train split: the one description the data paths and the run plan share."""
+    workers = 0 if args.data_on_device else args.dataloader_num_workers
+    return Topology(processes, workers, per_device_batch, accumulation)
+
+
+def stream_unit_rows(splits: DataSplits, args: DataArguments) -> list[int] | None:
+    """Raw rows per unit (parquet row group, in the order ``IterableDataset.reshard`` splits the files) of a local
+    parquet stream, from the footers alone; None when they cannot be known without reading the data."""
+    if not args.streaming or args.max_train_samples is not None:
+        return None
+    files = local_data_files(args, args.train_split)
+    if not files or not all(f.endswith(".parquet") for f in files):
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return [meta.row_group(g).num_rows for f in files for meta in [pq.ParquetFile(f).metadata]
+                for g in range(meta.num_row_groups)]
+    except OSError:
+        return None
+
+
+def build_train_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, topology: Topology, seed: int,
                      state) -> TrainData:
-    """The train data of a run: ``state`` is the Accelerator (or PartialState) giving ``process_index``,
-    ``num_processes`` and ``device``."""
-    rank, world, device = state.process_index, state.num_processes, state.device
+    """The train data of a run for ``topology``: ``state`` is the Accelerator (or PartialState) giving
+    ``process_index`` and ``device``."""
+    rank, device = state.process_index, state.device
     if args.data_on_device:
         return DeviceTrainData(splits.train, splits.image_column, splits.label_column, len(splits.label_names), spec,
-                               args, per_device_batch, rank, world, seed, device)
-    workers = args.dataloader_num_workers
-    stream = ExampleStream(splits.train, per_device_batch, rank, world, workers, seed, shuffle=True,
-                           shuffle_buffer_size=args.shuffle_buffer_size, num_examples=splits.num_train_examples,
-                           sharding=args.stream_sharding)
+                               args, topology, rank, seed, device)
+    stream = TrainStream(splits.train, topology, rank, seed, splits.num_train_examples,
+                         sharding=stream_sharding(args), shuffle_buffer_size=args.shuffle_buffer_size,
+                         unit_rows=stream_unit_rows(splits, args))
     transform = train_transform(spec, args)
     finish = None
     if args.decode_on_device:  # workers hand over JPEG bytes and crop plans; the device decodes them
@@ -113,9 +129,13 @@ def build_train_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, p
     else:
         collate = DecodeCollate(transform, splits.image_column, splits.label_column, len(splits.label_names), seed,
                                 train=True)
-    if args.streaming:
-        logger.log(*streaming_note(world, workers, args.stream_sharding, getattr(splits.train, "num_shards", None)))
-    return LoaderTrainData(stream, collate, workers, device, splits.num_train_examples, finish)
+    return LoaderTrainData(stream, collate, topology.workers, device, finish)
+
+
+def stream_sharding(args: DataArguments) -> str:
+    """The stream rule in force: a stream cut by ``max_train_samples`` (``take``) cannot be split into units, so it is
+    walked whole."""
+    return "exact" if args.max_train_samples is not None else args.stream_sharding
 
 
 def build_eval_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, per_device_batch: int, seed: int,
@@ -124,28 +144,7 @@ def build_eval_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, pe
     if splits.eval is None:
         return None
     workers = args.dataloader_num_workers
-    stream = ExampleStream(splits.eval, per_device_batch, state.process_index, state.num_processes, workers, seed,
-                           shuffle=False, drop_incomplete_round=False)
+    stream = ExampleStream(splits.eval, per_device_batch, state.process_index, state.num_processes, workers)
     collate = DecodeCollate(eval_transform(spec), splits.image_column, splits.label_column, len(splits.label_names),
                             seed, train=False)
     return EvalData(stream, collate, workers, state.device)
-
-
-def streaming_note(processes: int, workers: int, sharding: str = "exact",
-                   shards: int | None = None) -> tuple[int, str]:
-    """(log level, message) on what the stream's sharding reads at this scale: with ``exact``, a warning past the
-    process count at which walking the whole stream per consumer outlasts the epoch (docs/scaling.md)."""
-    consumers = processes * max(1, workers)
-    split = f"{consumers} consumers ({processes} processes x {max(1, workers)} loader workers)"
-    if sharding == "shards":
-        share = (shards or 0) // consumers
-        return logging.INFO, (f"Streaming: {shards} shards dealt over {split}, {share} each per epoch; every record "
-                              f"is read once, and {consumers * share} of the {shards} shards are used per epoch "
-                              "(stream_sharding shards)")
-    note = f"Streaming: each of the {split} reads every record of the stream and keeps 1/{consumers} of them " \
-           "(the exact sharding rule)"
-    if processes <= STREAMING_PROCESSES_THAT_KEEP_UP:
-        return logging.INFO, note
-    return logging.WARNING, (f"{note}; past ~{STREAMING_PROCESSES_THAT_KEEP_UP} GPUs the walk outlasts the epoch and "
-                             "starves them: use stream_sharding shards, or copy the dataset to local or shared "
-                             "storage and train map-style (streaming: false), see docs/scaling.md")

@@ -67,3 +67,8 @@ def augmentation_seed(key: str, seed: int, epoch: int) -> int:
 def position_seed(seed: int, epoch: int, position: int) -> int:
     """The seed of the draws made for a position of the epoch order (``data_on_device``'s batched augmentation)."""
     return epoch_seed(seed, epoch) * 1_000_003 + position
+
+
+def unit_generator(seed: int, epoch: int, unit: int) -> torch.Generator:
+    """A CPU generator for the order of one stream unit's rows in one epoch (``sharding.unit_permutation``)."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch) * 1_000_033 + 7 * unit + 3)

@@ -1,35 +1,30 @@
-"""The loader path: :class:`ExampleStream` shards an epoch over processes x loader workers, :class:`DecodeCollate`
-decodes and augments each micro-batch in the workers, :func:`build_loader` puts them together in a torch DataLoader.
+"""The loader path: :class:`TrainStream` serves one rank's micro-batches of an epoch by the sharding rule
+(:mod:`hf_vit.data.sharding`), :class:`DecodeCollate` decodes and augments each micro-batch in the loader workers,
+:class:`ExampleStream` walks an eval split once over processes x workers, and :func:`build_loader` puts them in a
+torch DataLoader.
 
-The sharding rule (one rule for map-style and streaming data): an epoch is a fixed order of examples (a seeded
-permutation, or the seeded shuffled stream) cut into *blocks* of ``per_device_batch`` examples. With N processes x W
-workers there are C = N*W consumers; block b goes to consumer ``b % C``, and only complete *rounds* of C full blocks
-are used. So every example of an epoch reaches exactly one consumer, every rank runs the same number of micro-batches
-(W per round: no DDP hang), and the last incomplete round is dropped — the last-batch policy (evaluation,
-``drop_incomplete_round=False``, keeps it). Streaming, every consumer walks the whole (undecoded) stream and keeps its
-blocks: C reads of the bytes, no decoding of what it does not keep. Or, streaming at scale (``stream_sharding:
-shards``), each epoch the stream's shards are dealt out by a seeded permutation and every consumer reads only its own.
-
-Accelerate does not shard this loader (it never goes through ``accelerator.prepare``, and the Accelerator is built
+Accelerate does not shard these loaders (they never go through ``accelerator.prepare``, and the Accelerator is built
 with ``dispatch_batches=False``): for an iterable dataset accelerate would dispatch batches from one process, split a
 ``datasets.IterableDataset`` by files (unequal counts per rank: a hang at the end of an epoch) or shard an
 already-sharded stream a second time (accelerate#3547). Resume is by count: the order depends only on (seed, epoch)
 and augmentation only on (seed, epoch, example key), so skipping the first k micro-batches without decoding them
 reproduces the uninterrupted epoch bit for bit (accelerate's ``skip_first_batches`` would fetch and decode them).
+
+Train loader workers live for the whole run (``persistent_workers``): the epoch and the resume position reach them
+through a small shared-memory tensor that :meth:`TrainStream.set_epoch` writes before each ``iter(loader)``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 
 import datasets
 import torch
 
-from ..errors import UserError
 from .decoding import open_image
 from .keys import augmentation_seed, epoch_order, example_key
+from .sharding import Segment, StreamPlan, Topology, map_positions, unit_permutation, worker_micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +36,25 @@ class DecodeCollate:
     copied once, with no transposition), ``labels`` (B,), ``keys`` of the B examples, ``bad_keys`` and
     ``num_examples`` (real examples in, good or bad). Bad examples (undecodable or truncated bytes, zero-size images,
     labels outside the class range, a missing image) are dropped from the batch and reported as ``"key (error)"`` in
-    ``bad_keys``; B may be 0. ``None`` entries are padding from :class:`ExampleStream` and are dropped silently.
+    ``bad_keys``; B may be 0.
     Augmentation randomness is seeded from (seed, epoch, example key), so it does not depend on which worker or
     process sees the example.
     """
 
     def __init__(self, transform, image_column: str, label_column: str, num_classes: int, seed: int, train: bool):
         self.transform, self.image_column, self.label_column = transform, image_column, label_column
-        self.num_classes, self.seed, self.train, self.epoch = num_classes, seed, train, 0
+        self.num_classes, self.seed, self.train = num_classes, seed, train
+        self._epoch = _SharedCounters(1)  # set by the main process, read by the (persistent) workers
         # Shape of an empty batch (every example bad): the model still runs on it, so keep the image size.
         self.image_size = getattr(transform, "image_size", 1)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch[0]
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch[0] = value
 
     def decode(self, example: dict) -> tuple[torch.Tensor, int, str]:
         image = example[self.image_column]
@@ -77,7 +81,7 @@ class DecodeCollate:
 
     def __call__(self, examples: list[dict | None]) -> dict:
         pixels, labels, keys, bad = [], [], [], []
-        real = [e for e in examples if e is not None]
+        real = list(examples)
         for example in real:
             try:
                 p, y, k = self.decode(example)
@@ -104,159 +108,192 @@ class DecodeCollate:
         }
 
 
-class ExampleStream(torch.utils.data.IterableDataset):
-    """Yields this consumer's examples of one epoch, block by block (see the module docstring for the rule).
+class _SharedCounters:
+    """Integers that the main process sets and loader workers (persistent, forked or spawned) read: a shared-memory
+    tensor survives both start methods, a plain attribute would be a stale copy in the workers."""
 
-    ``set_epoch(epoch, skip_micro_batches)`` is called before each ``iter(loader)``; the loader's workers are
-    recreated per epoch (no persistent workers), so they see it. ``num_examples`` is the epoch length the loop plans
-    with (``micro_batches_per_epoch(num_examples)`` per rank): a stream longer than that stops there, and one that
-    turns out shorter (an estimated length) is padded with ``None`` entries, which :class:`DecodeCollate` turns into
-    empty batches — so every rank still runs exactly the planned number of micro-batches.
+    def __init__(self, size: int):
+        self.values = torch.zeros(size, dtype=torch.int64).share_memory_()
+
+    def __getitem__(self, index: int) -> int:
+        return int(self.values[index])
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.values[index] = value
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """One rank's micro-batches of an epoch by the sharding rule (:mod:`hf_vit.data.sharding`): each item is one
+    micro-batch, a list of raw examples (possibly short or empty when a stream runs out: the collate turns it into a
+    smaller or empty batch, so every rank still runs :attr:`num_micro_batches`).
+
+    ``sharding``: map-style data is always read by position; a stream is read by units (``"shards"``, each record by one
+    consumer) or walked whole by every consumer (``"exact"``). ``unit_rows`` gives the raw rows per unit of a
+    ``"shards"`` stream when known exactly (parquet footers), which lets a resume skip whole units unread.
     """
 
-    def __init__(self, ds, block_size: int, rank: int, world: int, num_workers: int, seed: int,
-                 shuffle: bool = True, drop_incomplete_round: bool = True, shuffle_buffer_size: int = 10_000,
-                 num_examples: int | None = None, sharding: str = "exact"):
-        self.ds, self.block, self.rank, self.world = ds, block_size, rank, world
-        self.num_workers, self.seed, self.shuffle = max(1, num_workers), seed, shuffle
-        self.drop_incomplete = drop_incomplete_round
-        self.buffer = shuffle_buffer_size
-        self.num_examples = num_examples
-        self.epoch, self.skip = 0, 0
-        # Whole shards per consumer applies to streams only: map-style consumers read only their own blocks anyway.
-        self.by_shards = sharding == "shards" and not isinstance(ds, datasets.Dataset)
-        if self.by_shards and ds.num_shards < self.consumers:
-            raise UserError(
-                f"stream_sharding shards: the stream has {ds.num_shards} shard(s), fewer than the {self.consumers} "
-                f"consumers ({world} processes x {self.num_workers} loader workers); lower dataloader_num_workers "
-                "or use stream_sharding exact"
-            )
+    def __init__(self, ds, topology: Topology, rank: int, seed: int, num_examples: int, sharding: str = "shards",
+                 shuffle_buffer_size: int = 10_000, unit_rows: list[int] | None = None):
+        self.ds, self.topology, self.rank, self.seed = ds, topology, rank, seed
+        self.num_examples, self.buffer = num_examples, shuffle_buffer_size
+        self.num_micro_batches = topology.micro_batches(num_examples)
+        self._position = _SharedCounters(2)  # epoch, micro-batches to skip
+        self.mode, self.plan, self.exact_units = "map", None, False
+        if not isinstance(ds, datasets.Dataset):
+            self.mode = "walk" if sharding == "exact" else "units"
+        if self.mode == "units":
+            self.ds = ds.reshard() if hasattr(ds, "reshard") else ds
+            units = self.ds.num_shards
+            self.exact_units = unit_rows is not None and len(unit_rows) == units
+            if not self.exact_units:  # equal estimates: exactly-once still holds, the balance is approximate
+                unit_rows = [num_examples // units + (u < num_examples % units) for u in range(units)]
+            self.plan = StreamPlan(unit_rows, num_examples, topology)
+        self.filtered = self.plan is not None and self.plan.raw_total != num_examples
 
     @property
-    def consumers(self) -> int:
-        return self.world * self.num_workers
+    def epoch(self) -> int:
+        return self._position[0]
 
     def set_epoch(self, epoch: int, skip_micro_batches: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_micro_batches
-
-    def micro_batches_per_epoch(self, num_examples: int) -> int:
-        """Micro-batches each rank runs per epoch of ``num_examples``: W blocks per complete round of C blocks."""
-        return self._rounds(num_examples) * self.num_workers
-
-    def _rounds(self, num_examples: int) -> int:
-        if self.by_shards:
-            # What every consumer's share holds when the S shards are about equal: floor(S / C) of them.
-            shards = self.ds.num_shards
-            return num_examples * (shards // self.consumers) // shards // self.block
-        return num_examples // (self.consumers * self.block)
-
-    def _role(self) -> tuple[int, int]:
-        """(consumer index, rounds to skip) of this worker; on resume roles rotate so the loader's round-robin over
-        workers continues exactly where the interrupted epoch stopped."""
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        shift, done = self.skip % self.num_workers, self.skip // self.num_workers
-        role = (worker + shift) % self.num_workers
-        return self.rank * self.num_workers + role, done + (1 if role < shift else 0)
-
-    def _planned_rounds(self) -> int | None:
-        if self.num_examples is None or not self.drop_incomplete:
-            return None
-        return self._rounds(self.num_examples)
+        """Call before each ``iter(loader)``: the epoch and how many of its micro-batches were already consumed."""
+        if not 0 <= skip_micro_batches <= self.num_micro_batches:
+            raise ValueError(f"skip {skip_micro_batches} outside the epoch's {self.num_micro_batches} micro-batches")
+        self._position[0], self._position[1] = epoch, skip_micro_batches
 
     def __iter__(self):
-        consumer, skip_rounds = self._role()
-        planned = self._planned_rounds()
-        rows = self._iter_map_style if isinstance(self.ds, datasets.Dataset) else \
-            self._iter_own_shards if self.by_shards else self._iter_stream
-        done = skip_rounds
-        for r, block in rows(consumer, skip_rounds, planned):
-            done = r + 1
-            yield from block
-        if planned is not None and done < planned:
-            if self.by_shards:  # this consumer's shards hold less than the average share the plan assumes
-                logger.warning("epoch %d: consumer %d's shards ran out after %d of %d planned blocks of %d examples "
-                               "(they hold fewer than the average share); its remaining micro-batches are empty",
-                               self.epoch, consumer, done, planned, self.block)
-            elif consumer == 0:
-                logger.warning("epoch %d: the data ran out after %d of %d planned rounds of %d examples; the rest of "
-                               "the epoch is empty batches (pass the exact --train_samples)", self.epoch, done,
-                               planned, self.consumers * self.block)
-            for _ in range(done, planned):
-                yield from [None] * self.block
-
-    def _iter_map_style(self, consumer: int, skip_rounds: int, planned: int | None):
-        """(round, this consumer's examples in it) from a seeded permutation of the whole split."""
-        n = len(self.ds)
-        if self.shuffle:
-            order = epoch_order(n, self.seed, self.epoch)
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        wanted = worker_micro_batches(self.num_micro_batches, self._position[1], worker, workers)
+        if not wanted:
+            return
+        if self.mode == "map":
+            yield from self._map_style(wanted)
+        elif self.mode == "walk":
+            yield from self._walk(wanted)
         else:
-            order = torch.arange(n)
-        round_size = self.consumers * self.block
-        rounds = n // round_size if self.drop_incomplete else math.ceil(n / round_size)
-        for r in range(skip_rounds, rounds if planned is None else min(rounds, planned)):
-            start = r * round_size + consumer * self.block
-            indices = order[start : min(start + self.block, n)].tolist()
-            if indices:
-                rows = self.ds[indices]  # one columnar read per block
-                yield r, [{k: v[i] for k, v in rows.items()} for i in range(len(indices))]
+            yield from self._units(wanted)
 
-    def _iter_stream(self, consumer: int, skip_rounds: int, planned: int | None):
-        """(round, this consumer's examples in it) from the seeded shuffled stream, walked whole by every consumer."""
-        ds = self.ds
-        if self.shuffle:
-            ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
-            ds.set_epoch(self.epoch)
-        # `.iter` walks the whole stream in this worker (datasets does not split it by worker): each consumer picks
-        # its blocks by position, which is what makes the rule exact for any number of shards, workers and processes.
-        # Nothing is decoded here; a block is only held until its round turns out complete.
-        held = None
-        for b, rows in enumerate(self._exact_blocks(ds)):
-            r, owner = divmod(b, self.consumers)
-            if planned is not None and r >= planned:
+    def _map_style(self, wanted: range):
+        order = epoch_order(len(self.ds), self.seed, self.epoch)
+        for i in wanted:
+            indices = order[map_positions(i, self.rank, self.topology)].tolist()
+            rows = self.ds[indices]  # one columnar read per micro-batch
+            yield _as_examples(rows, len(indices))
+
+    def _walk(self, wanted: range):
+        """Every consumer walks the seeded shuffled stream; block b (of ``micro_batch`` examples) is micro-batch
+        ``b // N`` of rank ``b % N``, as positions are for map-style data."""
+        ds = self.ds.shuffle(seed=self.seed, buffer_size=self.buffer)
+        ds.set_epoch(self.epoch)
+        processes, mine, served = self.topology.processes, set(wanted), 0
+        for b, rows in enumerate(exact_blocks(ds, self.topology.micro_batch)):
+            i, rank = divmod(b, processes)
+            if i > wanted[-1]:
                 break
-            if owner == consumer:
-                held = rows
-            full = len(next(iter(rows.values()))) == self.block
-            if (owner == self.consumers - 1 and full) or not self.drop_incomplete:
-                # The round is complete (or completeness does not matter): release this consumer's block.
-                if held is not None and r >= skip_rounds:
-                    yield r, [{k: v[i] for k, v in held.items()} for i in range(len(next(iter(held.values()))))]
-                held = None
-        # A block still held here belongs to an incomplete last round: dropped (the last-batch policy).
+            if rank == self.rank and i in mine:
+                served += 1
+                yield _as_examples(rows, _length(rows))
+        for _ in range(len(wanted) - served):  # the stream ended early (an estimated epoch length)
+            yield []
 
-    def _iter_own_shards(self, consumer: int, skip_rounds: int, planned: int | None):
-        """(round, block) from this consumer's own shards only (``stream_sharding: shards``): a seeded permutation of
-        the shards per epoch, dealt round-robin over the consumers, each share shuffled with the buffer."""
-        shards = self.ds.num_shards
-        order = epoch_order(shards, self.seed, self.epoch) if self.shuffle else torch.arange(shards)
-        mine = [self.ds.shard(num_shards=shards, index=int(i)) for i in order[consumer::self.consumers]]
-        ds = mine[0] if len(mine) == 1 else datasets.concatenate_datasets(mine)
-        if self.shuffle:
-            ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
-            ds.set_epoch(self.epoch)
-        for r, rows in enumerate(self._exact_blocks(ds)):
-            size = len(next(iter(rows.values())))
-            if (planned is not None and r >= planned) or (size < self.block and self.drop_incomplete):
-                break
-            if r >= skip_rounds:
-                yield r, [{k: v[i] for k, v in rows.items()} for i in range(size)]
+    def _units(self, wanted: range):
+        """This worker's role reads its range of the epoch's line of units (``StreamPlan``) and yields its blocks
+        ``wanted[0] // W ...`` of it."""
+        workers, block = self.topology.workers_per_rank, self.topology.micro_batch
+        role = wanted[0] % workers
+        consumer = self.rank * workers + role
+        first, count = wanted[0] // workers, len(wanted)
+        segments = self.plan.consumer_segments(consumer, self.seed, self.epoch)
+        skip_rows, pending, served = first * block, None, 0
+        for segment in segments:
+            if skip_rows and self.exact_units and not self.filtered and skip_rows >= segment.stop - segment.start:
+                skip_rows -= segment.stop - segment.start  # a whole segment already consumed: not even read
+                continue
+            rows = self._segment_rows(segment)
+            n = _length(rows)
+            if skip_rows:
+                dropped = min(skip_rows, n)
+                rows, n, skip_rows = {k: v[dropped:] for k, v in rows.items()}, n - dropped, skip_rows - dropped
+            pending = rows if pending is None else {k: pending[k] + rows[k] for k in rows}
+            while _length(pending) >= block and served < count:
+                yield _as_examples({k: v[:block] for k, v in pending.items()}, block)
+                pending, served = {k: v[block:] for k, v in pending.items()}, served + 1
+            if served == count:
+                return
+        if pending is not None and _length(pending) and served < count:
+            yield _as_examples(pending, _length(pending))  # the role's rows ran short (a filtered stream)
+            served += 1
+        if served < count:
+            logger.warning("epoch %d: consumer %d ran out of rows after %d of its %d micro-batches (its units hold "
+                           "fewer filtered rows than planned); the rest are empty", self.epoch, consumer,
+                           first + served, first + count)
+        for _ in range(count - served):
+            yield []
 
-    def _exact_blocks(self, ds):
-        """Consecutive blocks of exactly ``block`` rows (the last one may be short), whatever batches datasets
-        yields."""
-        pending: dict[str, list] | None = None
-        for rows in ds.iter(batch_size=self.block):
-            if pending is None:
-                pending = {k: list(v) for k, v in rows.items()}
-            else:
-                for k, v in rows.items():
-                    pending[k].extend(v)
-            while len(next(iter(pending.values()))) >= self.block:
-                yield {k: v[: self.block] for k, v in pending.items()}
-                pending = {k: v[self.block :] for k, v in pending.items()}
-        if pending and len(next(iter(pending.values()))):
-            yield pending
+    def _segment_rows(self, segment: Segment) -> dict[str, list]:
+        """The segment's rows: the unit read whole, its rows in the epoch's seeded order, this consumer's part."""
+        unit = self.ds.shard(num_shards=len(self.plan.unit_rows), index=segment.unit, contiguous=True)
+        rows: dict[str, list] | None = None
+        for batch in unit.iter(batch_size=1000):
+            rows = {k: list(v) for k, v in batch.items()} if rows is None else \
+                {k: rows[k] + list(v) for k, v in batch.items()}
+        if rows is None:
+            return {}
+        order = unit_permutation(_length(rows), self.seed, self.epoch, segment.unit)[segment.part(_length(rows))]
+        order = order.tolist()
+        return {k: [v[i] for i in order] for k, v in rows.items()}
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """An evaluation split walked once, in order, over processes x loader workers: block b (of ``block_size``
+    examples) goes to consumer ``b % C``; nothing is dropped, ranks may get different counts (the gather in
+    :mod:`hf_vit.scoring` unpads by the per-rank counts). Items are blocks (lists of raw examples)."""
+
+    def __init__(self, ds, block_size: int, rank: int, world: int, num_workers: int):
+        self.ds, self.block, self.rank, self.world = ds, block_size, rank, world
+        self.num_workers = max(1, num_workers)
+
+    def set_epoch(self, epoch: int, skip_micro_batches: int = 0) -> None:  # an eval pass has no epochs
+        pass
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        consumer = self.rank * self.num_workers + (info.id if info else 0)
+        consumers = self.world * self.num_workers
+        if isinstance(self.ds, datasets.Dataset):
+            n = len(self.ds)
+            for start in range(consumer * self.block, n, consumers * self.block):
+                stop = min(start + self.block, n)
+                yield _as_examples(self.ds[start:stop], stop - start)
+            return
+        for b, rows in enumerate(exact_blocks(self.ds, self.block)):
+            if b % consumers == consumer:
+                yield _as_examples(rows, _length(rows))
+
+
+def _length(rows: dict[str, list]) -> int:
+    return len(next(iter(rows.values()))) if rows else 0
+
+
+def _as_examples(rows: dict[str, list], n: int) -> list[dict]:
+    return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+
+
+def exact_blocks(ds, block: int):
+    """Consecutive blocks of exactly ``block`` rows of an iterable dataset (the last one may be short), whatever
+    batches datasets yields."""
+    pending: dict[str, list] | None = None
+    for rows in ds.iter(batch_size=block):
+        if pending is None:
+            pending = {k: list(v) for k, v in rows.items()}
+        else:
+            for k, v in rows.items():
+                pending[k].extend(v)
+        while _length(pending) >= block:
+            yield {k: v[:block] for k, v in pending.items()}
+            pending = {k: v[block:] for k, v in pending.items()}
+    if pending and _length(pending):
+        yield pending
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -267,10 +304,11 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def build_loader(stream: ExampleStream, collate: DecodeCollate, num_workers: int, pin_memory: bool):
+def build_loader(stream, collate: DecodeCollate, num_workers: int, pin_memory: bool, persistent: bool = False):
+    """A DataLoader over a stream whose items are whole micro-batches (``batch_size=None``: the collate gets each
+    list of examples as it is). ``persistent``: the workers live across epochs instead of starting anew each one."""
     return torch.utils.data.DataLoader(
-        stream, batch_size=stream.block, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        stream, batch_size=None, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=persistent and num_workers > 0, prefetch_factor=4 if num_workers else None,
         worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
     )
-
