@@ -309,3 +309,47 @@ def plan_table(rows: list[tuple[str, RunPlan]]) -> str:
         verdict = f"REFUSED: {refusal}" if refusal else "ok"
         lines.append("| " + " | ".join([name, *table_cells(plan).values(), verdict]) + " |")
     return "\n".join(lines)
+
+
+def data_facts(cfg: RunConfig) -> DataFacts:
+    """The dataset metadata of ``cfg`` (opened without decoding); where the dataset cannot be reached (the Hub,
+    offline), the metadata recorded for well-known datasets (``hf_vit.rehearsal``), else a one-line error."""
+    from .data import load_splits
+
+    try:
+        return DataFacts.from_splits(load_splits(cfg.data, cfg.train.seed), cfg.data)
+    except UserError as err:
+        try:
+            from .rehearsal import recorded_data_facts
+        except ImportError:
+            raise err from None
+        facts = recorded_data_facts(cfg.data)
+        if facts is None:
+            raise
+        return facts
+
+
+def plan_study_table(study, processes: int | None = None, rehearse: bool = False) -> str:
+    """The plan of every run of a study (``hf_vit.study_file.Study``) on ``processes`` processes (default: this
+    launch's), as one markdown table. A run that fine-tunes an earlier run of the study is costed with that run's
+    model."""
+    from .config import parse_config
+
+    if processes is None:
+        from accelerate import PartialState
+
+        from .runtime import cpu_only_distributed
+
+        processes = PartialState(cpu=cpu_only_distributed()).num_processes
+    rows, models = [], {}
+    for run in study.runs:
+        cfg = parse_config(run.argv())
+        models[str(run.output_dir)] = cfg
+        facts = data_facts(cfg)
+        upstream = models.get(str(cfg.model.model_name_or_path)) if cfg.model.model_name_or_path else None
+        model_cost = None
+        if upstream is not None and not os.path.isdir(str(cfg.model.model_name_or_path)):
+            model_cost = _model_cost(upstream, facts.num_classes)
+        rows.append((run.name, resolve_plan(cfg, processes, facts, model_cost)))
+    title = f"Run plans of {study.path} on {processes} process(es){' (rehearsal)' if rehearse else ''}:\n\n"
+    return title + plan_table(rows)
