@@ -14,8 +14,11 @@ The images are the first N evaluation images of the run (``train_config.yaml``: 
 carve-out and seed as training used), preprocessed by the folder's own image processor. The figure shows each one as
 the model saw it (resized and cropped), with the rollout map of the CLS token over the patches overlaid and the title
 ``pred: X / true: Y`` (red and marked ``(wrong)`` when the prediction is wrong). It is written to
-``RUN_DIR/attention_rollout.png`` unless ``--output`` says otherwise; :func:`rollout_figure` returns the same figure,
-maps and predictions to Python callers.
+``<RUN_DIR>-eval/attention_rollout.png`` beside the run folder (for a checkpoint,
+``<run>-eval/checkpoint-<N>/attention_rollout.png``) unless ``--output`` says otherwise — a run folder is written only
+by its own run, so an ``--output`` in a run folder, in a checkpoint, inside a run in progress or inside the dataset is
+refused before anything runs — and written atomically (a failed write leaves the previous figure).
+:func:`rollout_figure` returns the same figure, maps and predictions to Python callers.
 
 The attention weights come from transformers itself (``output_attentions=True``). SDPA, the implementation the
 trainer uses, returns none, so the model runs with the eager implementation for this pass: the same maths and logits.
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -41,10 +43,15 @@ import yaml
 from matplotlib.figure import Figure
 from transformers import AutoImageProcessor, ViTForImageClassification
 
+from safetensors import SafetensorError
+
+from hf_vit import durable
 from hf_vit.config import CONFIG_FILE_NAME, DataArguments, TrainingArguments
 from hf_vit.data import example_key, load_splits, to_rgb
+from hf_vit.data.decoding import open_image
 from hf_vit.errors import UserError, raise_user_errors, run_cli
 from hf_vit.report import new_figure
+from hf_vit.run_dir import analysis_output_dir, check_analysis_output, check_outside_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +166,9 @@ def load_run_model(run_dir: str) -> tuple[ViTForImageClassification, object]:
         # use_safetensors: a pickle (pytorch_model.bin) is never loaded (docs/reliability.md, Security).
         model, info = ViTForImageClassification.from_pretrained(
             run_dir, attn_implementation="eager", use_safetensors=True, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot load weights from {run_dir!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"cannot load weights from {run_dir!r} ({(str(err).splitlines() or [type(err).__name__])[0]}); "
+                        "the weight file is damaged or incomplete: copy it again or pass another run") from None
     missing = sorted(info.get("missing_keys", [])) + [k for k, *_ in info.get("mismatched_keys", [])]
     if missing:
         raise UserError(f"{run_dir!r} is not a complete image classifier: {missing[:4]} would be randomly "
@@ -201,10 +209,10 @@ def run_data_arguments(run_dir: str, dataset_name: str | None = None,
 
 
 def _decode(image: dict) -> PIL.Image.Image:
-    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    with PIL.Image.open(source) as img:
-        img.load()
-        return to_rgb(img)
+    # open_image applies the EXIF orientation, as datasets and pipeline() do: the image the model is shown upright.
+    img = open_image(image)
+    img.load()
+    return to_rgb(img)
 
 
 def first_eval_images(data_args: DataArguments, seed: int, count: int) -> dict:
@@ -223,6 +231,9 @@ def first_eval_images(data_args: DataArguments, seed: int, count: int) -> dict:
     # Rows arrive with the image undecoded ({"bytes", "path"}); an undecodable one is skipped, as evaluation does.
     for row in splits.eval:
         image = row[splits.image_column]
+        if not isinstance(image, dict):  # a missing image: skipped, as evaluation skips it
+            logger.warning("skipping a row without an image")
+            continue
         try:
             images.append(_decode(image))
         except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
@@ -275,7 +286,7 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
                    eval_split: str | None = None, head_fusion: str = "mean", discard_ratio: float = 0.0) -> dict:
     """Attention rollout for the first ``images`` evaluation images of a ViT run folder, plotted and written.
 
-    ``output``: where the figure goes (default ``RUN_DIR/attention_rollout.png``; the format follows the suffix);
+    ``output``: where the figure goes (default ``<RUN_DIR>-eval/attention_rollout.png``; the format follows the suffix);
     ``dataset_name`` / ``eval_split`` override the run's data (``eval_split=""`` carves the run's
     ``train_val_split`` out of train); ``head_fusion`` / ``discard_ratio`` as in :func:`attention_rollout`.
     Returns ``{"output": path written, "figure": Figure, "titles", "predictions", "labels" (class names),
@@ -288,7 +299,8 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
         raise UserError(f"--head_fusion must be one of {list(HEAD_FUSIONS)} (got {head_fusion!r})")
     if not 0.0 <= discard_ratio < 1.0:
         raise UserError(f"--discard_ratio must be in [0, 1) (got {discard_ratio})")
-    output = output or os.path.join(run_dir, DEFAULT_OUTPUT_NAME)
+    output = output or str(analysis_output_dir(run_dir) / DEFAULT_OUTPUT_NAME)
+    check_analysis_output(output, "--output")
     suffix = os.path.splitext(output)[1].lstrip(".").lower()
     formats = new_figure().canvas.get_supported_filetypes()
     if suffix not in formats:
@@ -296,6 +308,7 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
 
     model, processor = load_run_model(run_dir)
     data_args, seed = run_data_arguments(run_dir, dataset_name, eval_split)
+    check_outside_dataset(output, data_args.dataset_name, "--output")
     try:
         data = first_eval_images(data_args, seed, images)
     except UserError as err:
@@ -334,17 +347,11 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
     figure.suptitle(f"attention rollout ({head_fusion} over heads, {model.config.num_hidden_layers} layers)",
                     fontsize=9)
 
-    # Written beside the target and renamed, so a failed write never leaves a truncated figure behind.
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    partial = output + ".partial"
-    try:
+    # Written beside the target, flushed and renamed: a failed write never leaves a truncated figure behind.
+    with durable.os_errors(output, "nothing was written; pass --output with a writable path"):
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with durable.writing(output, kept="the previous figure (if any) was left as it was") as partial:
         figure.savefig(partial, format=suffix, dpi=100)
-        os.replace(partial, output)
-    except OSError as err:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise UserError(f"cannot write {output!r} ({err.strerror or err}); pass --output with a writable path") \
-            from None
     return {"output": output, "figure": figure, "titles": titles, "predictions": predictions, "labels": truths,
             "correct": correct, "keys": data["keys"], "maps": maps, "logits": logits}
 
@@ -356,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         description="Attention rollout maps of a ViT run folder's first evaluation images, with predictions.")
     parser.add_argument("run_dir", help="output_dir of a training run (model.safetensors, config.json, ...)")
     parser.add_argument("--images", type=int, default=8, help=f"how many evaluation images (1..{MAX_IMAGES})")
-    parser.add_argument("--output", default=None, help=f"figure path (default RUN_DIR/{DEFAULT_OUTPUT_NAME})")
+    parser.add_argument("--output", default=None,
+                        help=f"figure path (default <RUN_DIR>-eval/{DEFAULT_OUTPUT_NAME}, beside the run folder)")
     parser.add_argument("--dataset_name", default=None, help="the run's dataset elsewhere (e.g. a local copy)")
     parser.add_argument("--eval_split", default=None,
                         help='evaluation split instead of the run\'s ("" carves train_val_split out of train)')

@@ -17,15 +17,19 @@ in the folder are ever rotated or cleaned up (:mod:`hf_vit.run_dir` keeps the re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
 import shutil
 from pathlib import Path
 
+from . import durable
 from .errors import UserError
 from .manifest import verify_manifest, write_manifest
 from .run_dir import created_by_hf_vit, record_created
+
+logger = logging.getLogger("hf_vit")
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -96,28 +100,63 @@ def save(accelerator, output_dir: str, trainer_state: dict, model, processor, em
     accelerate's ``save_state`` writes the model, optimizer, scaler and each rank's RNG states; the main process adds
     the model config and image processor (so the folder loads on its own), the EMA weights and the loop state, then
     :func:`finalize` renames the folder into place. Returns the folder on the main process, else None.
+
+    A failed write on any rank (a full disk, a refused permission, a read-only file system) removes the partial
+    folder and raises the same one-line UserError on every rank; the previous complete checkpoints are untouched.
     """
     from safetensors.torch import save_file
 
     name = f"checkpoint-{trainer_state['global_step']}"
     tmp = Path(output_dir) / f"{name}.tmp"
-    if accelerator.is_main_process:
-        record_created(output_dir, name)  # before it exists: a kill can never leave an unowned checkpoint
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    kept = (f"the partial {name} was removed and the last complete checkpoint is intact (resume with "
+            "--resume_from_checkpoint latest)")
+    final, failure = None, None
+    try:
+        with durable.os_errors(tmp, kept):
+            if accelerator.is_main_process:
+                record_created(output_dir, name)  # before it exists: a kill can never leave an unowned checkpoint
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+    except UserError as err:
+        failure = str(err)
+    _agree(accelerator, failure, tmp)
+    try:
+        with durable.os_errors(tmp, kept):
+            accelerator.save_state(str(tmp), safe_serialization=True)
+    except UserError as err:
+        failure = str(err)
     # Every rank writes its own RNG state (and, under FSDP, its shard) into tmp: finalise only once all are done.
-    accelerator.wait_for_everyone()
-    final = None
+    _agree(accelerator, failure, tmp)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).config.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
-        final = finalize(tmp, {**trainer_state, "n_averaged": int(ema.n_averaged) if ema is not None else 0})
-    accelerator.wait_for_everyone()
+        try:
+            with durable.os_errors(tmp, kept):
+                accelerator.unwrap_model(model).config.save_pretrained(tmp)
+                processor.save_pretrained(tmp)
+                if ema is not None:
+                    save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()},
+                              str(tmp / "ema.safetensors"))
+                final = finalize(tmp, {**trainer_state,
+                                       "n_averaged": int(ema.n_averaged) if ema is not None else 0})
+        except UserError as err:
+            failure = str(err)
+    _agree(accelerator, failure, tmp)
     return final
+
+
+def _agree(accelerator, failure: str | None, tmp: Path) -> None:
+    """Meet the other ranks; if a save failed on any of them, remove the partial folder (to give back the space it
+    took) and raise the first failure on every rank, so that none waits for a save that will not come."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failures = [f for f in gather_object([failure]) if f]
+        failure = failures[0] if failures else None
+    else:
+        accelerator.wait_for_everyone()
+    if failure is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(failure)
 
 
 def load(accelerator, path: str, layout: dict, ema=None) -> dict:
@@ -160,45 +199,18 @@ def load(accelerator, path: str, layout: dict, ema=None) -> dict:
     return saved
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _discard(folder: Path) -> None:
-    """Rename ``folder`` out of the checkpoint namespace (atomic), then delete it."""
-    doomed = folder.with_name(f"{folder.name}.deleting.tmp")
-    if doomed.exists():
-        shutil.rmtree(doomed)
-    os.replace(folder, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def finalize(tmp_dir: Path, state: dict) -> Path:
     """Write the trainer state and the manifest last, flush every file to disk, then atomically rename
-    ``checkpoint-N.tmp`` to ``checkpoint-N``."""
-    with open(tmp_dir / STATE_FILE, "w") as f:
-        json.dump(state, f)
+    ``checkpoint-N.tmp`` to ``checkpoint-N`` (:func:`hf_vit.durable.publish_folder`)."""
+    durable.write_json(tmp_dir / STATE_FILE, state, indent=None)
     write_manifest(tmp_dir)
-    # Without the flush a power loss after the rename can leave a complete-looking folder of empty files.
-    for file in tmp_dir.rglob("*"):
-        if file.is_file():
-            _fsync(file)
-    _fsync(tmp_dir)
-    final = tmp_dir.with_suffix("")
-    if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-        _discard(final)
-    os.replace(tmp_dir, final)
-    _fsync(final.parent)
-    return final
+    return durable.publish_folder(tmp_dir, tmp_dir.with_suffix(""), doomed_suffix=".deleting.tmp")
 
 
 def rotate(output_dir: str, limit: int | None) -> None:
     """Delete the oldest complete checkpoints beyond ``limit`` (only ever after a new one is complete), and stale
-    ``.tmp`` folders left by a kill during a save."""
+    ``.tmp`` folders left by a kill during a save. A folder that cannot be deleted is left, with a warning: the
+    run goes on (its new checkpoint is complete)."""
     for stale in Path(output_dir).glob("checkpoint-*.tmp"):
         if created_by_hf_vit(output_dir, stale.name):
             shutil.rmtree(stale, ignore_errors=True)
@@ -206,4 +218,123 @@ def rotate(output_dir: str, limit: int | None) -> None:
         return
     ours = [c for c in complete_checkpoints(output_dir) if created_by_hf_vit(output_dir, c.name)]
     for old in ours[:-limit]:
-        _discard(old)
+        if durable.undeletable(old):
+            logger.warning("cannot delete the old checkpoint %s (its folder is not writable); keeping it", old)
+            continue
+        try:
+            durable.discard(old, old.with_name(f"{old.name}.deleting.tmp"))
+        except OSError as err:
+            logger.warning("could not delete the old checkpoint %s (%s); the next save retries", old, err)
+
+
+# ------------------------------------------------------------------------------------------------ run identity
+# The resolved settings that decide which examples a run sees, in which order, split how, through which model and
+# schedule. A resume whose identity differs in any of them is another run (docs/reliability.md, "Resume identity").
+IDENTITY_SETTINGS = (
+    "seed", "dataset_config_name", "train_split", "eval_split", "train_val_split", "train_fraction", "subset_seed",
+    "max_train_samples", "train_samples", "streaming", "shuffle_buffer_size", "stream_sharding",
+    "total_train_batch_size", "model_preset", "model_name_or_path", "num_train_epochs", "max_train_steps",
+    "learning_rate", "warmup_epochs", "warmup_start_lr", "min_lr",
+)
+# The model's architecture, from its resolved config (a preset's values, or the checkpoint's it started from).
+IDENTITY_MODEL_FIELDS = ("model_type", "num_labels", "image_size", "patch_size", "hidden_size", "num_hidden_layers",
+                         "num_attention_heads", "intermediate_size", "hidden_sizes", "depths")
+IDENTITY_KEYS = (*IDENTITY_SETTINGS, "model", "dataset")
+_FINGERPRINT_SAMPLES = 32
+
+
+def dataset_fingerprint(data) -> str:
+    """A cheap fingerprint of the examples a run trains and validates on (``data``: a
+    :class:`hf_vit.data.sources.DataSplits`): the class names, the split sizes and the keys of up to 32 training
+    examples (evenly spread over a map-style split, the first ones of a stream). Keys are paths or hashes of the
+    bytes, so a moved copy of the same data has the same fingerprint and another dataset of the same size has
+    another; nothing is decoded."""
+    import hashlib
+    import itertools
+
+    from .data.keys import example_key
+
+    digest = hashlib.sha256(json.dumps([list(data.label_names), data.num_train_examples,
+                                        data.num_eval_examples]).encode())
+    train, column = data.train, data.image_column
+    if hasattr(train, "__len__") and hasattr(train, "__getitem__"):
+        n = len(train)
+        picks = sorted({i * n // _FINGERPRINT_SAMPLES for i in range(_FINGERPRINT_SAMPLES)}) if n else []
+        rows = (train[i] for i in picks)
+    else:
+        rows = itertools.islice(iter(train), _FINGERPRINT_SAMPLES)
+    for row in rows:
+        image = row.get(column) if isinstance(row, dict) else None
+        digest.update(example_key(image if isinstance(image, dict) else None).encode() + b"\n")
+    return digest.hexdigest()[:32]
+
+
+def run_identity(config: dict, model_config, data) -> dict:
+    """The identity a checkpoint records: ``config`` (the run's flat settings, :meth:`RunConfig.to_dict`) restricted
+    to :data:`IDENTITY_SETTINGS`, the model's architecture (``model_config``: its transformers config) and the
+    dataset (``data``: its name, shown in messages, and :func:`dataset_fingerprint`, compared)."""
+    model = {k: getattr(model_config, k) for k in IDENTITY_MODEL_FIELDS if getattr(model_config, k, None) is not None}
+    return {**{k: config.get(k) for k in IDENTITY_SETTINGS},
+            "model": json.loads(json.dumps(model, default=str)),
+            "dataset": {"name": config.get("dataset_name"), "fingerprint": dataset_fingerprint(data)}}
+
+
+def parse_accepted_changes(value: str | None) -> list[str]:
+    """The keys named by ``--resume_accept_changes`` (comma-separated); an unknown key is a one-line error."""
+    keys = [k.strip() for k in (value or "").split(",") if k.strip()]
+    unknown = [k for k in keys if k not in IDENTITY_KEYS]
+    if unknown:
+        raise UserError(f"resume_accept_changes names {unknown}, which are not part of a run's identity; choose from "
+                        f"{list(IDENTITY_KEYS)}")
+    return keys
+
+
+def identity_differences(saved: dict, current: dict) -> dict[str, tuple]:
+    """``{key: (saved value, current value)}`` for every identity key recorded in both that differs (the dataset by
+    its fingerprint)."""
+    differ = {}
+    for key in IDENTITY_KEYS:
+        if key not in saved or key not in current:
+            continue  # a checkpoint from before this key was recorded
+        a, b = saved[key], current[key]
+        if key == "dataset":
+            if (a or {}).get("fingerprint") != (b or {}).get("fingerprint"):
+                differ[key] = ((a or {}).get("name"), (b or {}).get("name"))
+        elif a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
+            differ[key] = (a, b)
+    return differ
+
+
+def check_identity(path: str, saved: dict | None, current: dict, accepted: list[str]) -> dict[str, tuple]:
+    """Refuse, in one line naming what differs, a resume from checkpoint ``path`` (its recorded identity ``saved``)
+    into a run whose identity ``current`` differs in a key not in ``accepted``. Returns the accepted differences
+    (for the run to record). A checkpoint saved before identities were recorded is accepted with a warning."""
+    if not saved:
+        logger.warning("checkpoint %s records no run identity (saved by an older hf_vit); resuming without checking "
+                       "that the seed, data and schedule are the same", path)
+        return {}
+    differ = identity_differences(saved, current)
+    refused = {k: v for k, v in differ.items() if k not in accepted}
+    if refused:
+        def show(key, pair):
+            if key == "dataset":
+                return f"dataset (other examples: checkpoint {pair[0]!r}, this run {pair[1]!r})"
+            return f"{key} (checkpoint {pair[0]!r}, this run {pair[1]!r})"
+
+        listed = "; ".join(show(k, v) for k, v in refused.items())
+        raise UserError(f"checkpoint {path!r} belongs to another run: {listed}; resume with the settings it was "
+                        "written with, or pass --resume_accept_changes "
+                        f"{','.join(refused)} to continue it deliberately with the new ones")
+    return differ
+
+
+def check_not_replacing_a_finished_run(resume_path: str, output_dir: str, overwrite: bool) -> None:
+    """Refuse a resume from a checkpoint outside ``output_dir`` when ``output_dir`` holds a finished run (its
+    ``all_results.json``): the resumed run would replace that run's model and results. ``--overwrite_output_dir``
+    allows it."""
+    out = Path(output_dir).resolve()
+    inside = out in Path(resume_path).resolve().parents
+    if not inside and not overwrite and (out / "all_results.json").is_file():
+        raise UserError(f"output_dir {output_dir!r} holds a finished run, and resuming from {resume_path!r} (a "
+                        "checkpoint of another folder) would replace its model and results; choose another "
+                        "output_dir, or pass --overwrite_output_dir")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import functools
 import logging
 import os
@@ -230,10 +231,69 @@ def raise_user_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+class _GoneStdout:
+    """``sys.stdout`` for a command whose reader may go away (``| head -1``, a closed terminal): once a write fails
+    with a broken pipe (or EIO), further output is dropped and the descriptor points at /dev/null, so the command
+    still finishes its work — and the interpreter's own flush at exit cannot fail — and exits with the status of
+    that work (0 after a success), not with a BrokenPipeError traceback."""
+
+    def __init__(self, stream):
+        self._stream, self.gone = stream, False
+
+    def _lost(self) -> None:
+        self.gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # a stream without a descriptor (a test's capture): dropping the output is enough
+
+    def write(self, text):
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, ConnectionResetError):
+                self._lost()
+            except OSError as err:
+                if err.errno not in (errno.EPIPE, errno.EIO):
+                    raise
+                self._lost()
+        return len(text)
+
+    def flush(self):
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self._lost()
+            except OSError as err:
+                if err.errno not in (errno.EPIPE, errno.EIO):
+                    raise
+                self._lost()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run ``main(argv)``; map :class:`UserError` to a one-line, scrubbed message and exit status 2, and any other
-    exception to its (scrubbed) traceback and exit status 1, with every loader worker gone."""
+    exception to its (scrubbed) traceback and exit status 1, with every loader worker gone. Standard output may be
+    closed by its reader at any time (``| head -1``): the command then finishes silently and exits 0 after a
+    success."""
     register_argv_secrets(sys.argv[1:] if argv is None else argv)
+    stdout = sys.stdout
+    if stdout is not None and not isinstance(stdout, _GoneStdout):
+        sys.stdout = _GoneStdout(stdout)
+    try:
+        _run(main, argv)
+    finally:
+        if isinstance(sys.stdout, _GoneStdout) and sys.stdout._stream is stdout:
+            sys.stdout.flush()  # now, through the guard: the interpreter's flush at exit would fail on a gone pipe
+            sys.stdout = stdout
+
+
+def _run(main: Callable[[list[str] | None], object], argv: list[str] | None) -> None:
     try:
         main(argv)
     except UserError as err:

@@ -12,8 +12,12 @@ images.
 
 ``--train_val_split F --seed S`` evaluates the validation slice a training run with the same ``train_val_split``
 and ``seed`` carved out of ``--eval_split`` (how a train-only dataset such as CIFAR-10 is validated). Writes
-``eval_results.json``, ``confusion_matrix.json`` and ``confusion_matrix.png`` to ``--output_dir`` (default: the
-model folder when it is local and writable, else ``./eval_<model name>``) and prints the results table.
+``eval_results.json``, ``confusion_matrix.json`` and ``confusion_matrix.png`` to ``--output_dir`` and prints the
+results table. The default output folder is a sibling of the model folder, ``<run>-eval/`` (for a checkpoint,
+``<run>-eval/checkpoint-<N>/``; for a Hub id, ``./eval_<name>``): a run folder is written only by its own run, so
+this command never writes into one or into a checkpoint, and refuses an ``--output_dir`` that is a run folder, lies
+inside a checkpoint or inside a run in progress, or lies inside the dataset. The three files are written as a set
+(all written and flushed before any replaces an older one), so a full disk leaves the previous results whole.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ from typing import Literal, Optional
 
 import torch
 from accelerate import PartialState
+from safetensors import SafetensorError
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, PreTrainedModel
 
+from . import durable
 from .config import DataArguments
 from .data import ImageSpec, build_eval_data, load_splits, open_dataset
 from .errors import UserError, raise_user_errors, run_cli
 from .models import checkpoint_config, is_vit
+from .run_dir import analysis_output_dir, check_analysis_output, check_outside_dataset
 from .runtime import build_accelerator, cpu_only_distributed, main_process_first, setup_logging
 from .scoring import eval_results, evaluate_classifier, format_results_table
 
@@ -63,7 +70,8 @@ class EvalArguments:
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N examples."})
     output_dir: Optional[str] = field(
         default=None,
-        metadata={"help": "Where results go (default: the model folder if local and writable, else ./eval_<name>)."},
+        metadata={"help": "Where results go (default: <run>-eval beside the model folder, <run>-eval/checkpoint-N "
+                          "for a checkpoint, ./eval_<name> for a Hub id; never a run or checkpoint folder)."},
     )
     image_column_name: Optional[str] = field(default=None, metadata={"help": "Image column (auto-detected if unset)."})
     label_column_name: Optional[str] = field(default=None, metadata={"help": "Label column (auto-detected if unset)."})
@@ -72,11 +80,9 @@ class EvalArguments:
 
 
 def default_output_dir(model_name_or_path: str) -> str:
-    """The model folder when it is local and writable (results sit beside the weights), else ``./eval_<name>``."""
-    path = os.path.expanduser(model_name_or_path)
-    if os.path.isdir(path) and os.access(path, os.W_OK):
-        return path
-    return os.path.join(os.getcwd(), "eval_" + os.path.basename(os.path.normpath(path)))
+    """A sibling of the model folder, ``<run>-eval`` (``<run>-eval/checkpoint-<N>`` for a checkpoint of a run), never
+    the run folder itself; ``./eval_<name>`` for a Hub id (:func:`hf_vit.run_dir.analysis_output_dir`)."""
+    return str(analysis_output_dir(model_name_or_path))
 
 
 def _shorten(names: list[str], keep: int = 3) -> str:
@@ -119,8 +125,10 @@ def _load_model(path: str, config) -> tuple[PreTrainedModel, object]:
         extra = {"attn_implementation": "sdpa"} if is_vit(config) else {}
         model, info = AutoModelForImageClassification.from_pretrained(path, config=config, output_loading_info=True,
                                                                       use_safetensors=True, **extra)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot load weights from {path!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"cannot load weights from {path!r} ({(str(err).splitlines() or [type(err).__name__])[0]}); "
+                        "the weight file is damaged or incomplete: copy it again or evaluate another checkpoint") \
+            from None
     if info.get("missing_keys") or info.get("mismatched_keys"):
         missing = sorted(info.get("missing_keys", [])) + [k for k, *_ in info.get("mismatched_keys", [])]
         raise UserError(
@@ -141,6 +149,10 @@ def evaluate(args: EvalArguments) -> dict:
     """Evaluate ``args.model_name_or_path`` on the chosen split; returns (and writes) the eval results."""
     if args.per_device_eval_batch_size < 1 or args.dataloader_num_workers < 0 or args.train_val_split < 0:
         raise UserError("per_device_eval_batch_size must be >= 1, dataloader_num_workers and train_val_split >= 0")
+    output_dir = Path(args.output_dir or default_output_dir(args.model_name_or_path))
+    # Where the results go is checked before anything runs: a bad place must not cost a whole evaluation.
+    check_analysis_output(output_dir, "--output_dir")
+    check_outside_dataset(output_dir, args.dataset_name, "--output_dir")
     config = checkpoint_config(args.model_name_or_path)
     state = PartialState(cpu=cpu_only_distributed())
     data_args = _data_arguments(args)
@@ -183,7 +195,7 @@ def evaluate(args: EvalArguments) -> dict:
                "dataset_name": args.dataset_name, "eval_split": args.eval_split,
                "train_val_split": args.train_val_split, "seed": args.seed}
     if acc.is_main_process:
-        _write(results, data.label_names, Path(args.output_dir or default_output_dir(args.model_name_or_path)))
+        _write(results, data.label_names, output_dir)
     acc.wait_for_everyone()
     return results
 
@@ -191,12 +203,12 @@ def evaluate(args: EvalArguments) -> dict:
 def _write(results: dict, label_names: list[str], out: Path) -> None:
     from .report import plot_confusion_matrix
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "eval_results.json", "w") as f:
-        json.dump(results, f, indent=2)
-    with open(out / "confusion_matrix.json", "w") as f:
-        json.dump({"label_names": label_names, "confusion_matrix": results["confusion_matrix"]}, f)
-    plot_confusion_matrix(results["confusion_matrix"], label_names, out / "confusion_matrix.png")
+    durable.write_files(out, {
+        "eval_results.json": json.dumps(results, indent=2),
+        "confusion_matrix.json": json.dumps({"label_names": label_names,
+                                             "confusion_matrix": results["confusion_matrix"]}),
+        "confusion_matrix.png": lambda path: plot_confusion_matrix(results["confusion_matrix"], label_names, path),
+    }, kept="the previous results there (if any) were left whole")
     table = {k: v for k, v in results.items() if k.startswith("eval_") or k == "per_class"}
     print(format_results_table(table, label_names), flush=True)
     print(f"Wrote eval_results.json, confusion_matrix.json and confusion_matrix.png to {out}", flush=True)

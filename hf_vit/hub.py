@@ -11,10 +11,18 @@ files are in ``output_dir``. ``hub_strategy`` has the HF Trainer's meanings:
 
 The Hub is treated as unreliable: every upload is retried with exponential backoff and then given up with a warning
 on the ``hf_vit.hub`` logger. Nothing here raises into the training loop or writes into ``output_dir``.
+
+Only what the run recorded as its own goes up: the final files named in ``output_dir``'s ownership record
+(``.hf_vit_run.json``, :mod:`hf_vit.run_dir`) and ``train_config.yaml``, and of a checkpoint the files its
+``manifest.json`` lists. Anything else in the folder (a user's notes, a scan, logs) stays local, whatever its name.
+A repository that does not exist yet is created public unless ``private`` (``--hub_private_repo true``, or
+``python -m hf_vit.push --private``); an existing one keeps its visibility.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import logging
 import os
 import threading
@@ -49,6 +57,7 @@ MODEL_FILES = ["*.safetensors", "config.json", "preprocessor_config.json"]
 # name the folders that must never go up as loose files even if a pattern above is widened.
 TOP_LEVEL_ONLY = ["*/*", "checkpoint-*", "*.tmp"]
 LAST_CHECKPOINT = "last-checkpoint"
+MANIFEST_NAME = "manifest.json"
 
 T = TypeVar("T")
 
@@ -108,6 +117,7 @@ class HubPusher:
         self._draining = False
         self._future: Future | None = None
         self._closed = False
+        self.last_url: str | None = None  # the commit URL of the last successful upload
 
     def __repr__(self) -> str:  # written by hand so that the token can never show up in a log or a traceback
         return (
@@ -152,8 +162,18 @@ class HubPusher:
         if future is not None:
             future.result()  # _drain catches everything, so this only waits
 
+    def close(self) -> str | None:
+        """Wait for pending checkpoint pushes and stop taking new ones, without pushing the final files; returns
+        the last commit URL (None if nothing was pushed)."""
+        self.wait()
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=True)
+        return self.last_url
+
     def on_end(self) -> str | None:
-        """Wait for pending pushes, then push the final files of ``output_dir``.
+        """Wait for pending pushes, then push the final files of ``output_dir`` (those the run recorded as its own,
+        :func:`run_files`).
 
         Returns the commit URL, or None if the push was given up (a warning says why).
         """
@@ -161,12 +181,17 @@ class HubPusher:
         with self._lock:
             self._closed = True
         self._pool.shutdown(wait=True)
+        files = run_files(self.output_dir)
+        if not files:
+            log.warning("Nothing to push: %s holds no final files recorded by its run", self.output_dir)
+            self.failed_uploads.append("final files")
+            return None
         info = self._retry(
             "final files",
             lambda: self.api.upload_folder(
                 repo_id=self.repo_id,
                 folder_path=self.output_dir,
-                allow_patterns=FINAL_FILES,
+                allow_patterns=files,
                 ignore_patterns=TOP_LEVEL_ONLY,
                 commit_message="End of training",
             ),
@@ -188,12 +213,18 @@ class HubPusher:
 
     def _push_checkpoint(self, checkpoint_dir: Path) -> None:
         step = checkpoint_dir.name.removeprefix("checkpoint-")
+        listed = checkpoint_files(checkpoint_dir)
+        if listed is None:
+            log.warning("Hub push of %s skipped: it has no readable manifest.json naming its files", checkpoint_dir)
+            self.failed_uploads.append(f"model files of {checkpoint_dir.name}")
+            return
+        model_files = [f for f in listed if "/" not in f and any(fnmatch.fnmatch(f, p) for p in MODEL_FILES)]
         self._retry(
             f"model files of {checkpoint_dir.name}",
             lambda: self.api.upload_folder(
                 repo_id=self.repo_id,
                 folder_path=checkpoint_dir,
-                allow_patterns=MODEL_FILES,
+                allow_patterns=model_files,
                 ignore_patterns=TOP_LEVEL_ONLY,
                 commit_message=f"Training in progress, step {step}",
             ),
@@ -205,6 +236,7 @@ class HubPusher:
                     repo_id=self.repo_id,
                     folder_path=checkpoint_dir,
                     path_in_repo=LAST_CHECKPOINT,
+                    allow_patterns=[*listed, MANIFEST_NAME],
                     # Replace the previous checkpoint wholesale: a stale file beside new ones would corrupt a resume.
                     delete_patterns="*",
                     commit_message=f"Last checkpoint, step {step}",
@@ -218,6 +250,8 @@ class HubPusher:
         repo_id = self.hub_model_id or self.output_dir.resolve().name
         if "/" not in repo_id:
             repo_id = f"{self.api.whoami()['name']}/{repo_id}"
+        log.info("Hub repo %s: created as %s if it does not exist yet", repo_id,
+                 "private" if self.private else "public (pass --hub_private_repo true / --private for a private one)")
         self.api.create_repo(repo_id, private=self.private, exist_ok=True)
         self.repo_id = repo_id
 
@@ -226,7 +260,9 @@ class HubPusher:
         for attempt in range(self.max_retries + 1):
             try:
                 self._ensure_repo()
-                return upload()
+                info = upload()
+                self.last_url = str(getattr(info, "commit_url", info))
+                return info
             except Exception as err:  # any failure of the Hub or the network is worth a retry, none worth a crash
                 message = _scrub(f"{type(err).__name__}: {err}", _secrets(self._token))
                 if attempt == self.max_retries:
@@ -236,6 +272,31 @@ class HubPusher:
                 delay = self.backoff_seconds * 2**attempt
                 log.info("Pushing %s to the Hub failed (%s); retrying in %.0fs", what, message, delay)
                 time.sleep(delay)
+        return None
+
+
+def run_files(output_dir: str | os.PathLike) -> list[str]:
+    """The top-level files of ``output_dir`` a push may publish: the committed final outputs its ownership record
+    names, plus ``train_config.yaml`` when the run created it — each only if it is a plain file that matches
+    :data:`FINAL_FILES`. Empty for a folder hf_vit did not write."""
+    from .run_dir.ownership import read_record
+
+    out = Path(output_dir)
+    try:
+        record = read_record(out)
+    except UserError:
+        return []
+    names = [*record["final"], *(["train_config.yaml"] if "train_config.yaml" in record["created"] else [])]
+    return sorted({n for n in names if "/" not in n and (out / n).is_file() and not (out / n).is_symlink()
+                   and any(fnmatch.fnmatch(n, p) for p in FINAL_FILES)})
+
+
+def checkpoint_files(checkpoint_dir: str | os.PathLike) -> list[str] | None:
+    """The files a checkpoint's ``manifest.json`` lists (relative POSIX paths); None without a readable one."""
+    try:
+        files = json.loads((Path(checkpoint_dir) / MANIFEST_NAME).read_text())["files"]
+        return sorted(str(f) for f in files)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

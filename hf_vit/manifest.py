@@ -21,8 +21,8 @@ import json
 import os
 from pathlib import Path
 
+from . import durable
 from .errors import UserError, raise_user_errors, run_cli
-from .run_dir import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -60,8 +60,8 @@ def write_manifest(folder: str | os.PathLike) -> Path:
     for rel, path in _files(folder).items():
         size, sha = _sha256(path)
         files[rel] = {"size": size, "sha256": sha}
-    return atomic_write(folder / MANIFEST, json.dumps({"format": FORMAT, "algorithm": "sha256", "files": files},
-                                                      indent=1))
+    return durable.write_text(folder / MANIFEST,
+                              json.dumps({"format": FORMAT, "algorithm": "sha256", "files": files}, indent=1))
 
 
 def _read(folder: Path) -> dict[str, dict]:

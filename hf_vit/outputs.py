@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
 import torch
 
+from . import durable
 from .scoring import eval_results
 
 
@@ -26,21 +26,19 @@ def write_final_outputs(output_dir: str, model, state_dict, processor, results: 
     """Write every final file of a run (main process only): ``model`` with ``state_dict`` (None: the model's own),
     ``results`` as all_results.json, ``eval_metrics`` (:func:`hf_vit.scoring.evaluate_classifier`'s dict, or None
     when there was no evaluation) as eval_results.json and the confusion-matrix plot, the log history and its
-    learning curve, and the model card."""
+    learning curve, and the model card. Called on the staging folder of :class:`hf_vit.run_dir.FinalOutputs`, which
+    commits them as a set; each file is also written through :mod:`hf_vit.durable`."""
     from .report import plot_confusion_matrix, plot_learning_curve, write_model_card
 
     out = Path(output_dir)
     model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     processor.save_pretrained(out)
-    with open(out / "all_results.json", "w") as f:
-        json.dump(results, f, indent=2)
-    with open(out / "log_history.json", "w") as f:
-        json.dump(log_history, f, indent=1)
+    durable.write_json(out / "all_results.json", results, indent=2)
+    durable.write_json(out / "log_history.json", log_history, indent=1)
     if eval_metrics is not None:
         details = {**eval_results(eval_metrics), "eval_weights": final_weights, "per_class": eval_metrics["per_class"],
                    "confusion_matrix": eval_metrics["confusion_matrix"]}
-        with open(out / "eval_results.json", "w") as f:
-            json.dump(details, f, indent=2)
+        durable.write_json(out / "eval_results.json", details, indent=2)
         plot_confusion_matrix(eval_metrics["confusion_matrix"], label_names, out / "confusion_matrix.png")
     plot_learning_curve(log_history, out / "learning_curve.png")
     write_model_card(out, config, results, label_names, hardware, results["train_runtime"], config["dataset_name"],

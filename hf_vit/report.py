@@ -27,6 +27,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from hf_vit import durable
 from hf_vit.errors import UserError, raise_user_errors, run_cli
 from hf_vit.scoring import format_results_table
 
@@ -44,6 +45,13 @@ def new_figure(**kwargs) -> Figure:
     figure = Figure(**kwargs)
     FigureCanvasAgg(figure)
     return figure
+
+
+def save_figure(figure: Figure, path: str | os.PathLike) -> None:
+    """Write ``figure`` to ``path`` (format from its suffix, 100 dpi) atomically: a failed write (a full disk) leaves
+    the previous file and is a one-line error (:mod:`hf_vit.durable`)."""
+    with durable.writing(path) as partial:
+        figure.savefig(partial, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
 
 
 def history_series(log_history: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -83,7 +91,7 @@ def plot_learning_curve(log_history: list[dict[str, Any]], path: str | os.PathLi
             axes.legend()
     for axes in (loss_axes, accuracy_axes, lr_axes):
         axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     return figure
 
 
@@ -111,7 +119,7 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str
                 axes.text(j, i, str(value), ha="center", va="center", color=colour, fontsize=8)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     return figure
 
 
@@ -238,8 +246,9 @@ def write_model_card(
 """
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    card.save(output_dir / "README.md")
+    with durable.os_errors(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
+    durable.write_text(output_dir / "README.md", str(card))
     return card
 
 
@@ -259,10 +268,14 @@ def _count_parameters(run_dir: Path, results: dict[str, Any]) -> int | None:
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(weights), framework="numpy") as handle:
-        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    try:
+        with safe_open(str(weights), framework="numpy") as handle:
+            return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"cannot read the weights {str(weights)!r} ({(str(err).splitlines() or ['damaged'])[0]}); the "
+                        "file is damaged or incomplete: copy the run again or leave it out of the report") from None
 
 
 def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -358,7 +371,7 @@ def plot_runs_against_epoch(histories: dict[str, list[dict[str, Any]]], keys: di
     if legend:
         figure.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=min(len(legend), 4),
                       fontsize=8)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     return figure
 
 
@@ -378,20 +391,23 @@ def main(argv: list[str] | None = None) -> str:
     parser = raise_user_errors(argparse.ArgumentParser(prog="python -m hf_vit.report",
                                                        description=__doc__.split("\n\n")[0]))
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a finished training run")
-    parser.add_argument("--output_dir", default=None, help="write comparison.md and comparison.png here")
+    parser.add_argument("--output_dir", default=None, help="write comparison.md and comparison.png here (not into "
+                                                           "a run folder; the two are replaced together)")
     args = parser.parse_args(argv)
+    if args.output_dir:  # checked before any run is read: a bad place must not cost the work
+        from hf_vit.run_dir import check_analysis_output
+
+        check_analysis_output(args.output_dir, "--output_dir")
 
     runs = [load_run(run_dir) for run_dir in args.run_dirs]
     names = _run_names(args.run_dirs)
     table = comparison_table(runs, names)
     print(table)
     if args.output_dir:
-        output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        plot_comparison(runs, names, output_dir / "comparison.png")
-        (output_dir / "comparison.md").write_text(
-            f"# Run comparison\n\n{table}\n\n![eval accuracy against epoch](comparison.png)\n", encoding="utf-8"
-        )
+        durable.write_files(args.output_dir, {
+            "comparison.png": lambda path: plot_comparison(runs, names, path),
+            "comparison.md": f"# Run comparison\n\n{table}\n\n![eval accuracy against epoch](comparison.png)\n",
+        }, kept="the previous comparison there (if any) was left whole")
     return table
 
 

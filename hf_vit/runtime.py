@@ -137,19 +137,29 @@ def configure_deepspeed(ds_config: dict, train_args) -> None:
         ds_config["gradient_clipping"] = float(train_args.max_grad_norm or 0.0)
 
 
+# SIGHUP: the terminal that started the run was closed (an ssh session dropped): like a scheduler's SIGTERM.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
 class Preemption:
-    """SIGTERM/SIGINT set a flag; the loop finishes the current step, saves a checkpoint and exits 0."""
+    """SIGTERM, SIGINT and SIGHUP set a flag; the loop finishes the current step, saves a checkpoint, releases the
+    run lock and exits 0. A forked child (a loader worker) that inherits the handler ignores the signal: the main
+    process decides when to stop."""
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._pid = os.getpid()
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self._pid = os.getpid()
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            return
         self.requested = True
         logger.warning("Received %s: finishing this step, then saving a checkpoint.", signal.Signals(signum).name)
 

@@ -166,8 +166,9 @@ def test_command_on_a_run_folder_plots_n_eval_images_with_predicted_and_true_lab
     assert result["correct"] == [t == "ant" for t in truths]
     assert result["maps"].shape == (4, 2, 2) and (result["maps"] > 0).all() and (result["maps"].sum((1, 2)) < 1).all()
 
-    png = run_dir / "attention_rollout.png"
-    assert result["output"] == str(png)
+    # Beside the run folder, never in it: a run folder is written only by its own run.
+    png = run_dir.with_name(run_dir.name + "-eval") / "attention_rollout.png"
+    assert result["output"] == str(png) and not (run_dir / "attention_rollout.png").exists()
     with PILImage.open(png) as image:
         assert image.format == "PNG"
         assert image.size == tuple(int(v) for v in figure.get_size_inches() * 100)
@@ -245,7 +246,9 @@ def test_cnn_run_folder_is_refused_with_one_error_line(tmp_path):
     (["{run}", "--images", "65"], "--images must be between 1 and 64 (got 65)"),
     (["{run}", "--images", "eight"], "invalid int value: 'eight'"),
     (["{run}", "--imagez", "3"], "unrecognized arguments: --imagez 3"),
-    (["{run}", "--output", "{run}/rollout.txt"], "needs a file suffix matplotlib writes"),
+    (["{run}", "--output", "{run}-figures/rollout.txt"], "needs a file suffix matplotlib writes"),
+    (["{run}", "--output", "{run}/rollout.png"], "would write into the run folder"),
+    (["{run}", "--output", "{run}/checkpoint-2/rollout.png"], "lies inside the checkpoint"),
     (["{run}", "--head_fusion", "median"], "argument --head_fusion: invalid choice: 'median'"),
     (["{run}", "--discard_ratio", "1"], "--discard_ratio must be in [0, 1) (got 1.0)"),
     (["{run}/missing"], "does not exist; pass the output_dir of a training run"),

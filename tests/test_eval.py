@@ -130,7 +130,11 @@ def test_a_missing_split_is_a_one_line_error_listing_the_splits(run_dir, capsys,
 
 
 def test_results_go_beside_a_local_model_or_to_eval_name_for_a_hub_id(tmp_path, monkeypatch):
-    assert hf_eval.default_output_dir(str(tmp_path)) == str(tmp_path)
+    run = tmp_path / "run"
+    (run / "checkpoint-4").mkdir(parents=True)
+    # Never into the run folder or a checkpoint: a sibling <run>-eval (its checkpoints in sub-folders of it).
+    assert hf_eval.default_output_dir(str(run)) == str(tmp_path / "run-eval")
+    assert hf_eval.default_output_dir(str(run / "checkpoint-4")) == str(tmp_path / "run-eval" / "checkpoint-4")
     monkeypatch.chdir(tmp_path)
     assert hf_eval.default_output_dir("google/vit-base-patch16-224") == str(tmp_path / "eval_vit-base-patch16-224")
 

@@ -20,6 +20,8 @@ from hf_vit import push
 from hf_vit.errors import UserError
 from hf_vit.checkpoint import complete_checkpoints
 from hf_vit.hub import HubPusher, download_checkpoint
+from hf_vit.manifest import write_manifest
+from hf_vit.run_dir import FinalOutputs, prepare_output_dir, record_created
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_SECRETtokenDoNotLeak1234"
@@ -79,21 +81,32 @@ class FakeApi:
         return sum(1 for call, _ in self.calls if call == name)
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    """A finished run: final files, files that must stay local, two complete checkpoints and one half-written."""
-    out = tmp_path / "vit-run"
-    out.mkdir()
-    for name in FINAL:
-        (out / name).write_bytes(b"{}" if name.endswith(".json") else b"\x00\x01data")
+def finished_run(out: Path, checkpoints=("checkpoint-10", "checkpoint-20", "checkpoint-30.tmp")) -> Path:
+    """A run written as a training run writes it: its config and checkpoints (each with its manifest) recorded as
+    hf_vit's, a committed set of final outputs; then files that must stay local."""
+    with prepare_output_dir(out, overwrite=False, resuming=False):
+        record_created(out, "train_config.yaml")
+        (out / "train_config.yaml").write_text("seed: 1\n")
+        for ckpt in checkpoints:
+            record_created(out, ckpt.removesuffix(".tmp"))
+            (out / ckpt).mkdir()
+            for name in CHECKPOINT:
+                (out / ckpt / name).write_bytes(ckpt.encode())
+            if not ckpt.endswith(".tmp"):
+                write_manifest(out / ckpt)
+        with FinalOutputs(out) as staging:
+            for name in FINAL - {"train_config.yaml"}:
+                (staging / name).write_bytes(b"{}" if name.endswith(".json") else b"\x00\x01data")
     for name in ("events.out.tfevents.1", "train.log", "plots/extra.png"):
         (out / name).parent.mkdir(exist_ok=True)
         (out / name).write_text("local only")
-    for ckpt in ("checkpoint-10", "checkpoint-20", "checkpoint-30.tmp"):
-        (out / ckpt).mkdir()
-        for name in CHECKPOINT:
-            (out / ckpt / name).write_bytes(ckpt.encode())
     return out
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished run: final files, files that must stay local, two complete checkpoints and one half-written."""
+    return finished_run(tmp_path / "vit-run")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -135,7 +148,7 @@ def test_checkpoint_strategy_also_replaces_last_checkpoint_folder(run_dir):
     p.on_end()
     assert [(u.folder, u.path_in_repo, u.files) for u in api.uploads] == [
         ("checkpoint-20", "", {"model.safetensors", "config.json"}),
-        ("checkpoint-20", "last-checkpoint", CHECKPOINT),
+        ("checkpoint-20", "last-checkpoint", CHECKPOINT | {"manifest.json"}),
         ("vit-run", "", FINAL),
     ]
     assert api.uploads[1].delete_patterns == "*"  # no stale file from an older checkpoint survives beside the new one
@@ -162,8 +175,10 @@ def test_on_save_returns_while_uploading_and_a_slow_hub_skips_to_the_newest_chec
         assert release.wait(timeout=10)
 
     api = FakeApi(before_upload=block_first_upload)
+    record_created(run_dir, "checkpoint-30")
     (run_dir / "checkpoint-30").mkdir()
     (run_dir / "checkpoint-30" / "model.safetensors").write_bytes(b"30")
+    write_manifest(run_dir / "checkpoint-30")
     p = pusher(run_dir, api, strategy="every_save")
     p.on_save(str(run_dir / "checkpoint-10"))
     assert started.wait(timeout=10)

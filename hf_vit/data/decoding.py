@@ -5,6 +5,10 @@ A JPEG goes straight through libjpeg-turbo — the optional C extension ``hf_vit
 rows and columns, else ``simplejpeg`` decodes it whole — with the same pixels as PIL (the same library and settings);
 anything else, and any JPEG libjpeg-turbo reports a problem with, goes through PIL, which then decides what is corrupt
 exactly as for every other image.
+
+Orientation: :func:`open_image` applies an image's EXIF orientation as ``datasets`` and ``pipeline()`` do, so the model
+trains and evaluates on the upright image it is served. A JPEG with an orientation other than 1 is decoded whole by PIL
+and transposed (no partial decode: the crop box is drawn on the upright image, as for the PIL reference).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import io
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import simplejpeg
 import torch
 
@@ -27,10 +32,34 @@ def has_partial_jpeg_decoder() -> bool:
     return _jpeg_crop is not None
 
 
+# Where PIL finds an orientation (Image.getexif): EXIF (a JPEG's APP1, a PNG's eXIf chunk or text profile) or XMP.
+_ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp")
+_TURNED = range(2, 9)  # the orientations exif_transpose turns or flips; 1 (and anything else) it leaves as it is
+
+
 def open_image(image: dict) -> PIL.Image.Image:
-    """An undecoded datasets image (``{"bytes", "path"}``) opened by PIL: only the header is read."""
+    """An undecoded datasets image (``{"bytes", "path"}``) opened by PIL, upright: an EXIF orientation other than 1
+    is applied exactly as ``datasets``' ``Image`` feature and ``pipeline()`` apply it (``PIL.ImageOps.exif_transpose``,
+    which decodes the whole image). Otherwise only the header is read (a JPEG stays undecoded, so the partial and
+    device decoders can take it)."""
     data = image.get("bytes")
-    return PIL.Image.open(io.BytesIO(data) if data is not None else image["path"])
+    img = PIL.Image.open(io.BytesIO(data) if data is not None else image["path"])
+    return upright(img)
+
+
+def upright(img: PIL.Image.Image) -> PIL.Image.Image:
+    """``img`` with its EXIF orientation applied (``datasets``' rule: ``exif_transpose`` when the tag is present), or
+    ``img`` itself when it has none. A JPEG's EXIF and XMP are read with its header, so a JPEG without them is left
+    undecoded; any other format is loaded first, as ``datasets`` does, since its EXIF may follow the pixels."""
+    if img.format == "JPEG":
+        if not any(k in img.info for k in _ORIENTATION_SOURCES):
+            return img  # the common case, and the fast path's: no EXIF or XMP in the header, no orientation
+    else:
+        img.load()
+    if img.getexif().get(PIL.Image.ExifTags.Base.Orientation) not in _TURNED:
+        return img  # exif_transpose leaves such an image as it is: keep it undecoded
+    # Decodes the whole image; the result has no undecoded bytes left, so every later step treats it as pixels.
+    return PIL.ImageOps.exif_transpose(img)
 
 
 def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:

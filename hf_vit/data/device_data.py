@@ -63,12 +63,16 @@ def _to_uint8_tensor(img) -> torch.Tensor:
 
 def _decode_jpeg_fast(image: dict) -> torch.Tensor | None:
     """A colour JPEG's pixels through torchvision's decoder (libjpeg-turbo without PIL's Python header parsing: faster
-    on small images, bit-identical to PIL); None for anything else, which then takes the loader's path."""
+    on small images, bit-identical to PIL), turned upright by its EXIF orientation as ``datasets`` does (a lossless
+    transpose: the same pixels as ``PIL.ImageOps.exif_transpose``); None for anything else, which then takes the
+    loader's path — also a JPEG with XMP metadata, whose orientation PIL may read from the XMP, which torchvision does
+    not."""
     data = image.get("bytes")
-    if not data or data[:2] != b"\xff\xd8":
+    if not data or data[:2] != b"\xff\xd8" or b"http://ns.adobe.com/xap/1.0/" in data:
         return None
     try:
-        pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+        pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED,
+                             apply_exif_orientation=True)
     except RuntimeError:
         return None  # corrupt or truncated: DecodeCollate classifies and reports it
     # Grayscale and CMYK JPEGs go through PIL so that their conversion to RGB matches the loader's exactly.

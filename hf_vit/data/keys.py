@@ -12,13 +12,21 @@ import hashlib
 import torch
 
 
-def example_key(image: dict) -> str:
+# The key of a row whose image is missing (None, or neither bytes nor path). Such a row is never carved into the
+# validation split and always kept by the train_fraction subset: it stays in train, where the collate skips it and
+# counts it as unusable (``train_skipped_samples``), on every path — map-style, streaming, counted or not.
+MISSING_IMAGE_KEY = "<missing image>"
+
+
+def example_key(image: dict | None) -> str:
     """Stable identity of an example, the same on every machine and in every mode.
 
     The image's path when it has one, reduced to its last two components (``n01440764/n01440764_10026.JPEG``,
     ``cat/1.jpg``): unique within a dataset, yet independent of where the files lie. Without a path, a hash of the
-    image bytes.
+    image bytes. A missing image (None, or neither path nor bytes) is :data:`MISSING_IMAGE_KEY`.
     """
+    if not isinstance(image, dict) or (not image.get("path") and image.get("bytes") is None):
+        return MISSING_IMAGE_KEY
     path = image.get("path")
     if path:
         parts = path.replace("\\", "/").rstrip("/").split("/")
@@ -33,13 +41,15 @@ def unit_hash(key: str, seed: int, salt: str) -> float:
 
 
 def in_validation(key: str, fraction: float, seed: int) -> bool:
-    """Whether an example belongs to the ``train_val_split`` carve-out (decided by its key alone)."""
-    return unit_hash(key, seed, "val") < fraction
+    """Whether an example belongs to the ``train_val_split`` carve-out (decided by its key alone; a missing image
+    never does)."""
+    return key != MISSING_IMAGE_KEY and unit_hash(key, seed, "val") < fraction
 
 
 def in_subset(key: str, fraction: float, subset_seed: int) -> bool:
-    """Whether an example belongs to the ``train_fraction`` subset (decided by its key alone)."""
-    return fraction >= 1 or unit_hash(key, subset_seed, "subset") < fraction
+    """Whether an example belongs to the ``train_fraction`` subset (decided by its key alone; a missing image always
+    does, so that it is counted as unusable rather than dropped unseen)."""
+    return fraction >= 1 or key == MISSING_IMAGE_KEY or unit_hash(key, subset_seed, "subset") < fraction
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

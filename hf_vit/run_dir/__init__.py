@@ -26,6 +26,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shlex
 import socket
 import sys
@@ -33,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import UserError
+from ..durable import check_deletable
 from .files import DELETING_PREFIX, PARTIAL_PREFIX, atomic_write, delete_entry, fsync_dir
 from .final_outputs import COMMIT, STAGING, FinalOutputs, recover_final_outputs
 from .ownership import (BOOKKEEPING_PREFIX, FINAL_OUTPUTS, FINISHED, OUTPUT_NAMES, RECORD, TRACKER_DIR, base_name,
@@ -41,8 +43,9 @@ from .ownership import (BOOKKEEPING_PREFIX, FINAL_OUTPUTS, FINISHED, OUTPUT_NAME
 
 __all__ = [
     "BOOKKEEPING_PREFIX", "COMMIT", "FINAL_OUTPUTS", "FINISHED", "FinalOutputs", "LOCK", "OUTPUT_NAMES", "RECORD",
-    "RunLock", "STAGING", "TRACKER_DIR", "atomic_write", "check_output_dir", "created_by_hf_vit", "fsync_dir",
-    "prepare_output_dir", "record_created", "recover_final_outputs",
+    "RunLock", "STAGING", "TRACKER_DIR", "analysis_output_dir", "atomic_write", "check_analysis_output",
+    "check_output_dir", "check_outside_dataset", "created_by_hf_vit", "fsync_dir", "prepare_output_dir",
+    "record_created", "recover_final_outputs",
 ]
 
 logger = logging.getLogger("hf_vit.run_dir")
@@ -50,6 +53,7 @@ logger = logging.getLogger("hf_vit.run_dir")
 LOCK = ".hf_vit_run.lock"
 # flock fails with these on filesystems without locks (some network mounts); the recorded holder then decides.
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 # ------------------------------------------------------------------------------------------------------ checks
@@ -71,11 +75,19 @@ def _check_contents(out: Path, overwrite: bool, resuming: bool) -> None:
                         "there; move it out of the folder or choose another output_dir")
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool) -> None:
+def _has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a complete checkpoint (a ``checkpoint-<N>`` folder with its state file)."""
+    return any(_CHECKPOINT.fullmatch(n) and (out / n / "trainer_state.json").is_file() for n in list_entries(out))
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool,
+                     finished_needs_checkpoint: bool = True) -> None:
     """Refuse, with a one-line UserError and without writing anything, an output_dir a run may not use: a file; a
     folder another live run holds; a run folder unless ``overwrite`` or ``resuming``; a non-empty folder that is not
     an hf_vit run unless ``overwrite``; a folder where a foreign entry sits at an output's name, whatever the flags.
-    Read-only. Once this run's own main process holds the lock, the check reports the folder as in use, so other
+    With ``finished_needs_checkpoint`` (the default: a run's first check), a resume (``latest``) into a finished
+    run that holds no checkpoint of its own is refused too — it would start over and replace the finished run's
+    model and results. Read-only. Once this run's own main process holds the lock, the check reports the folder as in use, so other
     processes must not call it after that (:func:`prepare_output_dir` is the main process's call)."""
     out = Path(output_dir)
     if os.path.lexists(out) and not out.is_dir():
@@ -93,6 +105,11 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: b
         finally:
             os.close(fd)  # a probe's flock ends with its file descriptor
     _check_contents(out, overwrite, resuming)
+    if finished_needs_checkpoint and resuming and not overwrite and (out / FINISHED).is_file() \
+            and not _has_checkpoint(out):
+        raise UserError(f"output_dir {str(out)!r} holds a finished run and no checkpoint of it to resume from; a "
+                        "resume would replace its model and results: pass --overwrite_output_dir to train it again, "
+                        "or choose another output_dir")
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool,
@@ -105,17 +122,23 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming:
     interrupted writes and deletions, and with ``overwrite`` (and not ``resuming``, which needs the checkpoints)
     deletes every entry hf_vit created there — never a foreign one. Returns the lock; raises UserError.
     """
-    check_output_dir(output_dir, overwrite, resuming)
+    check_output_dir(output_dir, overwrite, resuming, finished_needs_checkpoint=False)  # the run checked that first
     lock = RunLock(output_dir, command).acquire()
     out = Path(output_dir)
     try:
         _check_contents(out, overwrite, resuming)  # again: the folder may have changed before the lock was ours
-        recover_final_outputs(out)
-        for name in list_entries(out):
-            if name.startswith((PARTIAL_PREFIX, DELETING_PREFIX)):
-                delete_entry(out, name)
         record = read_record(out)
-        if overwrite and not resuming:
+        leftovers = [n for n in list_entries(out) if n.startswith((PARTIAL_PREFIX, DELETING_PREFIX))]
+        doomed = owned_entries(out, record) if overwrite and not resuming else []
+        # Everything that is to go is checked first: a part that cannot be deleted stops the run before anything is.
+        check_deletable([out / n for n in leftovers + doomed],
+                        f"--overwrite_output_dir deletes what hf_vit wrote in {str(out)!r}" if doomed
+                        else f"an interrupted hf_vit run left it in {str(out)!r}")
+        recover_final_outputs(out)
+        for name in leftovers:
+            delete_entry(out, name)
+        record = read_record(out)
+        if doomed:
             # The finished marker goes first, so the folder never shows it beside a half-deleted set.
             for name in sorted(owned_entries(out, record), key=lambda n: (n != FINISHED, (out / n).is_dir(), n)):
                 delete_entry(out, name)
@@ -130,6 +153,81 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming:
         lock.release()
         raise
     return lock
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.path.expanduser(str(path)))))
+
+
+def check_outside_dataset(output: str | os.PathLike, dataset_name: str | None, what: str = "output_dir") -> None:
+    """Refuse (one line) an output path that lies inside the local dataset ``dataset_name`` being read: an
+    image-folder dataset would gain a class of the run's files, a parquet folder would stop loading. A Hub id is
+    never a local folder and passes."""
+    if not dataset_name or not os.path.exists(os.path.expanduser(dataset_name)):
+        return
+    data, target = _real(dataset_name), _real(output)
+    if target == data or data in target.parents:
+        raise UserError(f"{what} {str(output)!r} lies inside the dataset {dataset_name!r} being read; its files "
+                        f"would become part of the data: choose a {what} outside the dataset folder")
+
+
+def analysis_output_dir(model_path: str | os.PathLike) -> Path:
+    """Where a command that reads a run (``hf_vit.eval``, ``hf_vit.attention``) writes by default: a sibling of the
+    run folder, ``<run>-eval/`` (for a ``checkpoint-<N>`` of a run: ``<run>-eval/checkpoint-<N>/``), never the run
+    folder itself; for a model that is no local folder (a Hub id), ``./eval_<name>``."""
+    path = Path(os.path.expanduser(str(model_path)))
+    if not path.is_dir():
+        return Path.cwd() / ("eval_" + path.name)
+    path = _real(path)
+    if _CHECKPOINT.fullmatch(path.name):
+        return path.parent.with_name(path.parent.name + "-eval") / path.name
+    return path.with_name(path.name + "-eval")
+
+
+def _is_run_folder(folder: Path) -> bool:
+    try:
+        return bool(owned_entries(folder, read_record(folder))) or (folder / LOCK).exists()
+    except UserError:  # an unreadable record still marks a run
+        return True
+    except OSError:  # a folder we cannot list is no run of ours
+        return False
+
+
+def _locked_by_a_run(folder: Path) -> dict | None:
+    """The holder of a live run lock on ``folder`` (a dict, maybe empty), else None."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return None if _try_lock(fd) else _read_holder(fd)
+    finally:
+        os.close(fd)
+
+
+def check_analysis_output(output: str | os.PathLike, what: str = "--output_dir") -> None:
+    """Refuse (one line, before anything runs) an output path of another command (eval, attention) that would write
+    into a run: an existing file where a folder goes, a path inside a ``checkpoint-<N>`` folder (the checkpoint would
+    no longer match its manifest), a run folder itself (its own results would be overwritten), or any folder inside
+    a run that is in use (its final commit would fail)."""
+    target = _real(output)
+    if what == "--output_dir" and target.exists() and not target.is_dir():
+        raise UserError(f"{what} {str(output)!r} is a file, not a folder; pass a folder path")
+    for folder in (target, *target.parents):
+        if _CHECKPOINT.fullmatch(folder.name.removesuffix(".tmp")) and (
+                (folder / "trainer_state.json").exists() or (folder / "manifest.json").exists()
+                or _is_run_folder(folder.parent)):
+            raise UserError(f"{what} {str(output)!r} lies inside the checkpoint {str(folder)!r}, which must stay as "
+                            "it was saved; write elsewhere (the default is a sibling of the run folder)")
+        if folder.is_dir() and _is_run_folder(folder):
+            holder = _locked_by_a_run(folder)
+            if folder == target or (what != "--output_dir" and folder == target.parent):
+                raise UserError(f"{what} {str(output)!r} would write into the run folder {str(folder)!r}, which only "
+                                "its training run writes; choose another folder (the default is "
+                                f"{str(folder.with_name(folder.name + '-eval'))!r})")
+            if holder is not None:
+                raise UserError(f"{what} {str(output)!r} lies inside {str(folder)!r}, which a training run is using "
+                                f"({_describe(holder)}); choose a folder outside it")
 
 
 # -------------------------------------------------------------------------------------------------------- lock

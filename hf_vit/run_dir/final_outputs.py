@@ -11,8 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
+from ..durable import failure_message, fsync_dir, fsync_tree, is_write_failure, os_errors
 from ..errors import UserError
-from .files import atomic_write, fsync_dir
+from .files import atomic_write
 from .ownership import FINISHED, list_entries, owns, read_record, write_record
 
 # The output folder's one logger, whichever of its modules logs: log filters (and tests) select it by this name.
@@ -20,6 +21,7 @@ logger = logging.getLogger("hf_vit.run_dir")
 
 STAGING = ".hf_vit_final.staging"
 COMMIT = ".hf_vit_final.commit.json"
+_KEPT = "the previous final outputs (if any) are intact and the run's checkpoints are kept"
 
 
 class FinalOutputs:
@@ -56,9 +58,13 @@ class FinalOutputs:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            shutil.rmtree(self.staging, ignore_errors=True)  # frees what a full disk let us write
+            if isinstance(exc, Exception) and not isinstance(exc, UserError) and is_write_failure(exc):
+                raise UserError(failure_message(exc, getattr(exc, "filename", None) or self.output_dir, _KEPT)) \
+                    from None
             return
-        self.commit()
+        with os_errors(self.output_dir, _KEPT):
+            self.commit()
 
     def commit(self) -> None:
         out, staging = self.output_dir, self.staging
@@ -72,13 +78,7 @@ class FinalOutputs:
             if clash:
                 raise UserError(f"output_dir {str(out)!r} holds {clash[0]!r}, which hf_vit did not write; move it out "
                                 "of the folder and rerun (the final outputs were not written)")
-            for name in new:
-                fd = os.open(staging / name, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fsync_dir(staging)
+            fsync_tree(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
