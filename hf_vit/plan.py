@@ -125,8 +125,8 @@ class RunPlan:
         if self.read_amplification > MAX_READ_AMPLIFICATION:
             consumers = self.topology.consumers
             if self.stream_rule == "exact":
-                fix = ("each of the consumers walks the whole stream: use stream_sharding shards (and no "
-                       "max_train_samples on a stream), or train map-style from a local copy")
+                fix = ("each of the consumers walks the whole stream: use stream_sharding shards, or train map-style "
+                       "from a local copy")
             else:
                 fix = (f"the stream has {self.data.num_units} shards/row groups for {consumers} consumers: lower "
                        "dataloader_num_workers, write the dataset in more (or smaller) parquet row groups, or train "
@@ -188,9 +188,7 @@ def resolve_plan(cfg: RunConfig, processes: int, data: DataFacts, model_cost=Non
 
     rule, amplification = "map-style", 1.0
     if data.streaming:
-        from .data.factory import stream_sharding
-
-        rule = stream_sharding(d)
+        rule = d.stream_sharding
         if rule == "exact":
             amplification = float(topology.consumers)
         elif steps_per_epoch:

@@ -18,9 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when hf_vit is not installed
 
+import datasets  # noqa: E402
+
 from hf_vit.config import parse_config  # noqa: E402
 from hf_vit.data import example_key  # noqa: E402
-from hf_vit.data.loader import ExampleStream  # noqa: E402
+from hf_vit.data.keys import epoch_order  # noqa: E402
 from hf_vit.trainer import Run  # noqa: E402
 
 
@@ -35,11 +37,12 @@ def probe(out: Path, name: str, flags: list[str]) -> None:
               "num_train_examples": run.data.num_train_examples, "batches": batches}
     (out / f"{name}.rank{acc.process_index}.json").write_text(json.dumps(record))
     if acc.is_main_process:
-        # The reference: a single consumer that owns every block, over the same (shuffled) epoch order.
-        whole = ExampleStream(run.data.train, t.per_device_train_batch_size, 0, 1, 1, t.seed, shuffle=True,
-                              drop_incomplete_round=False, shuffle_buffer_size=run.cfg.data.shuffle_buffer_size)
-        keys = [example_key(example[run.data.image_column]) for example in whole]
-        (out / f"{name}.epoch.json").write_text(json.dumps(keys))
+        # The reference: every example of the split, and for map-style data the epoch's order (keys.epoch_order).
+        keys = [example_key(example[run.data.image_column]) for example in run.data.train]
+        if isinstance(run.data.train, datasets.Dataset):
+            keys = [keys[i] for i in epoch_order(len(keys), t.seed, 0).tolist()]
+        (out / f"{name}.epoch.json").write_text(json.dumps({"map_style": isinstance(run.data.train, datasets.Dataset),
+                                                            "keys": keys}))
     acc.wait_for_everyone()
 
 

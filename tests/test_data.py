@@ -25,7 +25,8 @@ from hf_vit.data import (ImageSpec, batch_mixer, build_image_processor, describe
                          load_splits, normalize, train_transform)
 from hf_vit.data import decoding, transforms
 from hf_vit.data.decoding import decode_reduced, scale_box, to_uint8_tensor
-from hf_vit.data.loader import DecodeCollate, ExampleStream, build_loader
+from hf_vit.data.loader import DecodeCollate, TrainStream, build_loader
+from hf_vit.data.sharding import Topology
 from hf_vit.data.sources import find_column, main
 from hf_vit.data.transforms import RandomResizedCropDecode
 from hf_vit.errors import UserError, run_cli
@@ -184,19 +185,20 @@ def test_describe_cli_prints_json_and_bad_flags_exit_2(parquet_200, capsys):
 
 # ---------------------------------------------------------------------------------------------- the sharding rule
 def _key_collate(examples):
-    return [None if e is None else example_key(e["image"]) for e in examples]
+    return [example_key(e["image"]) for e in examples]
 
 
-def _epoch(ds, rank, world, workers, block, epoch=0, skip=0, num_examples=None, sharding="exact") -> list[list[str]]:
+def _epoch(ds, rank, world, workers, block, epoch=0, skip=0, num_examples=None, sharding="shards") -> list[list[str]]:
     """The micro-batches (lists of example keys) one rank's loader yields in an epoch."""
-    stream = ExampleStream(ds, block, rank, world, workers, seed=3, num_examples=num_examples, sharding=sharding)
+    num_examples = num_examples or (len(ds) if isinstance(ds, datasets.Dataset) else sum(1 for _ in ds))
+    stream = TrainStream(ds, Topology(world, workers, block), rank, seed=3, num_examples=num_examples,
+                         sharding=sharding)
     stream.set_epoch(epoch, skip)
-    loader = torch.utils.data.DataLoader(stream, batch_size=block, collate_fn=_key_collate, num_workers=workers)
+    loader = build_loader(stream, _key_collate, workers, pin_memory=False)
     return list(loader)
 
 
-# Streams: a save_to_disk dataset streamed (Arrow, fast), and a parquet folder streamed (datasets ends each pass over
-# shuffled parquet with a 5 s pause for Arrow's threads, so it gets fewer passes here).
+# Streams: a save_to_disk dataset streamed (Arrow, fast), and a parquet folder streamed.
 SOURCES = {"map": ("parquet_200", False, (1, 2), (0, 1)), "streaming": ("saved_101", True, (1, 2), (0, 1)),
            "streaming-parquet": ("parquet_200", True, (2,), (1,))}
 
@@ -211,57 +213,51 @@ def test_every_example_reaches_exactly_one_consumer_per_epoch(source, request):
     orders = []
     for world in worlds:
         for epoch in epochs:
-            per_rank = [_epoch(splits.train, rank, world, workers, block, epoch) for rank in range(world)]
-            planned = ExampleStream(splits.train, block, 0, world, workers, seed=3).micro_batches_per_epoch(n)
+            per_rank = [_epoch(splits.train, rank, world, workers, block, epoch, num_examples=n)
+                        for rank in range(world)]
+            planned = Topology(world, workers, block).micro_batches(n)
             assert [len(batches) for batches in per_rank] == [planned] * world  # no rank waits for another
             assert all(len(batch) == block for batches in per_rank for batch in batches)
             seen = [k for batches in per_rank for batch in batches for k in batch]
             assert len(seen) == len(set(seen))  # none twice
             assert set(seen) <= all_keys
-            consumers = world * workers
-            # Only the last incomplete round of C x block examples is left out.
-            assert len(seen) == (n // (consumers * block)) * consumers * block
-            assert n - len(seen) < consumers * block
+            # Fewer than one global batch (block x processes) is left out.
+            assert len(seen) == (n // (world * block)) * world * block
             orders.append(seen)
     if len(orders) > 1:
         assert orders[0] != orders[1]  # a new order each epoch
 
 
 def test_stream_sharding_by_shards_reads_each_record_once_and_keeps_ranks_in_step(imagenet_sample_path):
-    """stream_sharding shards on the 4 parquet files of the ImageNet sample, 2 ranks x 2 loader workers: each
-    consumer reads one whole file per epoch (a different one each epoch), no example comes twice, every rank runs
-    the planned micro-batches, and a resumed epoch yields the rest of it."""
+    """stream_sharding shards on the 4 parquet files of the ImageNet sample, 2 ranks x 2 loader workers: no example
+    comes twice, every rank runs the planned micro-batches, each consumer reads at most 2 of the 4 files (a file cut
+    between two consumers is read by both), the files are dealt out anew each epoch, and a resumed epoch yields the
+    rest of it."""
     import pyarrow.parquet as pq
 
     files = sorted((imagenet_sample_path / "data").glob("*.parquet"))
     shard_of = {example_key(row): i for i, f in enumerate(files) for row in pq.read_table(f).column("image").to_pylist()}
     splits = load_splits(DataArguments(dataset_name=str(imagenet_sample_path), streaming=True, train_val_split=0), 0)
     n, world, workers, block = len(shard_of), 2, 2, 8
-    stream = ExampleStream(splits.train, block, 0, world, workers, seed=3, sharding="shards")
-    planned = stream.micro_batches_per_epoch(n)
-    assert planned == (n // 4 // block) * workers == 62  # one 250-example file per consumer: 31 blocks each
+    planned = Topology(world, workers, block).micro_batches(n)
+    assert planned == n // (block * world) == 62
     assignments = []
     for epoch in (0, 1):
-        per_rank = [_epoch(splits.train, rank, world, workers, block, epoch, num_examples=n, sharding="shards")
-                    for rank in range(world)]
+        per_rank = [_epoch(splits.train, rank, world, workers, block, epoch, num_examples=n) for rank in range(world)]
         assert [len(batches) for batches in per_rank] == [planned] * world
         seen = [k for batches in per_rank for batch in batches for k in batch]
-        assert None not in seen and len(seen) == len(set(seen)) == 4 * 31 * block
+        assert len(seen) == len(set(seen)) == 62 * 2 * block
         # The loader takes micro-batches from its workers in turn: batch m of rank r came from worker m % 2.
         consumers = {}
         for r, batches in enumerate(per_rank):
             for m, batch in enumerate(batches):
                 consumers.setdefault((r, m % workers), set()).update(shard_of[k] for k in batch)
-        assert all(len(shards) == 1 for shards in consumers.values())  # each consumer read one file only
-        assert sorted(s for shards in consumers.values() for s in shards) == [0, 1, 2, 3]
+        assert all(len(shards) <= 2 for shards in consumers.values())
         assignments.append(consumers)
     assert assignments[0] != assignments[1]  # the files are dealt out anew each epoch
-    whole = _epoch(splits.train, 1, world, workers, block, 1, num_examples=n, sharding="shards")
+    whole = _epoch(splits.train, 1, world, workers, block, 1, num_examples=n)
     skip = 3  # not a multiple of the 2 workers: the workers' roles rotate on resume
-    assert _epoch(splits.train, 1, world, workers, block, 1, skip=skip, num_examples=n,
-                  sharding="shards") == whole[skip:]
-    with pytest.raises(UserError, match="the stream has 4 shard"):
-        ExampleStream(splits.train, block, 0, 2, 3, seed=3, sharding="shards")  # 6 consumers
+    assert _epoch(splits.train, 1, world, workers, block, 1, skip=skip, num_examples=n) == whole[skip:]
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
@@ -279,7 +275,7 @@ def test_resumed_batches_are_bit_identical_including_augmentation(parquet_200):
     spec = ImageSpec(8, (0.5,) * 3, (0.5,) * 3, 8, crop_padding=2)
     collate = DecodeCollate(train_transform(spec, DataArguments(crop_padding=2, augmentation="enhanced")), "image",
                             "label", 4, seed=5, train=True)
-    stream = ExampleStream(splits.train, 8, 0, 1, 2, seed=5)
+    stream = TrainStream(splits.train, Topology(1, 2, 8), 0, seed=5, num_examples=len(splits.train))
     loader = build_loader(stream, collate, num_workers=2, pin_memory=False)
     stream.set_epoch(1)
     whole = list(loader)
@@ -292,16 +288,18 @@ def test_resumed_batches_are_bit_identical_including_augmentation(parquet_200):
 
 def test_a_stream_shorter_or_longer_than_planned_still_gives_the_planned_micro_batches(saved_101):
     stream_ds = load_splits(DataArguments(dataset_name=str(saved_101), streaming=True, train_val_split=0), 0).train
-    # 101 examples in rounds of 2 x 12: 4 complete rounds. Planned for 120 (an over-estimate): 5 micro-batches per
-    # rank, the last one empty padding.
+    # 101 examples, 2 ranks x 12. Planned for 120 (an over-estimate): 5 micro-batches per rank; each rank's share of
+    # the stream holds about 50, so its fifth micro-batch is short, and nothing comes twice.
     per_rank = [_epoch(stream_ds, rank, 2, 1, 12, num_examples=120) for rank in range(2)]
     for batches in per_rank:
         assert len(batches) == 5
-        assert all(k is not None for b in batches[:4] for k in b) and all(k is None for b in batches[4:] for k in b)
-    # Planned for 50 (an under-estimate): stops after the 2 planned rounds.
+        assert [len(b) for b in batches[:4]] == [12] * 4 and len(batches[4]) < 12
+    seen = [k for batches in per_rank for b in batches for k in b]
+    assert len(seen) == len(set(seen)) == 101
+    # Planned for 50 (an under-estimate): stops after the 2 planned micro-batches.
     assert [len(_epoch(stream_ds, rank, 2, 1, 12, num_examples=50)) for rank in range(2)] == [2, 2]
-    padded = DecodeCollate(lambda img: None, "image", "label", 4, 0, train=False)([None, None])
-    assert padded["num_examples"] == 0 and padded["bad_keys"] == [] and padded["pixel_values"].shape[0] == 0
+    empty = DecodeCollate(lambda img: None, "image", "label", 4, 0, train=False)([])
+    assert empty["num_examples"] == 0 and empty["bad_keys"] == [] and empty["pixel_values"].shape[0] == 0
 
 
 # --------------------------------------------------------------------------------------------------------- transforms
@@ -708,12 +706,13 @@ def test_too_many_bad_images_stop_with_an_error_naming_them(corrupt_run_data, tm
     assert "Traceback" not in proc.stderr
 
 
-def test_stream_sharding_by_shards_pads_a_short_share_with_empty_micro_batches(imagenet_sample_path, caplog):
-    """A share that holds less than the plan (here: the plan assumes 1,200 examples over the 4 files of 250) ends
-    with empty micro-batches, so that every rank still runs the planned number; the log says which consumer."""
+def test_a_stream_shorter_than_its_plan_ends_in_empty_micro_batches(imagenet_sample_path, caplog):
+    """A stream that holds less than the plan (here: the plan assumes 1,200 examples over the 4 files of 250) ends
+    each consumer's share with empty micro-batches, so that every rank still runs the planned number; the log says
+    which consumer."""
     splits = load_splits(DataArguments(dataset_name=str(imagenet_sample_path), streaming=True, train_val_split=0), 0)
     with caplog.at_level("WARNING", logger="hf_vit.data"):  # no loader workers: the stream runs in this process
-        batches = _epoch(splits.train, 0, 2, 0, 50, num_examples=1200, sharding="shards")  # 2 consumers, 2 files each
-    assert len(batches) == 1200 * 2 // 4 // 50 == 12  # planned: 600 per consumer, 12 blocks
-    assert all(None not in b for b in batches[:10]) and all(set(b) == {None} for b in batches[10:])  # 500 real
-    assert "consumer 0's shards ran out after 10 of 12 planned blocks" in caplog.text
+        batches = _epoch(splits.train, 0, 2, 0, 50, num_examples=1200)  # 2 consumers, half the stream each
+    assert len(batches) == 1200 // 100 == 12
+    assert [len(b) for b in batches] == [50] * 10 + [0, 0]  # 500 real examples, then empty micro-batches
+    assert "consumer 0 ran out of rows after 10 of its 12 micro-batches" in caplog.text

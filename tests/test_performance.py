@@ -22,7 +22,8 @@ from conftest import REPO, TINY_ARGS, run_script
 from hf_vit.config import DataArguments, parse_config
 from hf_vit.data import ImageSpec, example_key, load_splits, to_rgb
 from hf_vit.data.device_data import DeviceTrainData, decode_split
-from hf_vit.data.loader import ExampleStream
+from hf_vit.data.loader import TrainStream
+from hf_vit.data.sharding import Topology
 from hf_vit.errors import UserError
 
 SEED = 7
@@ -46,15 +47,14 @@ def cifar_small(cifar10_path):
 def _device_data(splits, rank=0, world=1, size=32, padding=4, augmentation="basic", seed=SEED):
     args = DataArguments(crop_padding=padding, augmentation=augmentation)
     return DeviceTrainData(splits.train, splits.image_column, splits.label_column, len(splits.label_names),
-                           _spec(size, padding), args, BLOCK, rank, world, seed, "cpu", decode_threads=2)
+                           _spec(size, padding), args, Topology(world, 0, BLOCK), rank, seed, "cpu", decode_threads=2)
 
 
 def _stream_blocks(splits, rank, world, epoch, skip=0):
     """The loader's sharding rule (no workers: one consumer per process), as lists of example keys per block."""
-    stream = ExampleStream(splits.train, BLOCK, rank, world, num_workers=0, seed=SEED)
+    stream = TrainStream(splits.train, Topology(world, 0, BLOCK), rank, seed=SEED, num_examples=len(splits.train))
     stream.set_epoch(epoch, skip)
-    keys = [example_key(row[splits.image_column]) for row in stream]
-    return [keys[i : i + BLOCK] for i in range(0, len(keys), BLOCK)]
+    return [[example_key(row[splits.image_column]) for row in block] for block in stream]
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -67,7 +67,7 @@ def test_batches_follow_the_example_stream_sharding_rule(cifar_small, world):
             data.set_epoch(epoch)
             blocks = [data.keys_of(batch["indices"]) for batch in data]
             assert blocks == _stream_blocks(cifar_small, rank, world, epoch)
-            assert len(blocks) == data.micro_batches_per_epoch(n) == n // (world * BLOCK)  # equal steps per rank
+            assert len(blocks) == data.num_micro_batches == n // (world * BLOCK)  # equal steps per rank
             seen += [k for block in blocks for k in block]
         # Exactly once: complete rounds of the epoch's permutation, nothing twice.
         assert len(seen) == len(set(seen)) == (n // (world * BLOCK)) * world * BLOCK
@@ -168,7 +168,8 @@ def test_bad_images_are_skipped_at_decode_time_and_reported_in_batches(tmp_path)
     assert torch.equal(decoded[15], torch.from_numpy(np.array(to_rgb(PIL.Image.open(io.BytesIO(gray))))).permute(2, 0, 1))
     assert torch.equal(decoded[16], torch.from_numpy(np.array(to_rgb(PIL.Image.open(rgba))).copy()).permute(2, 0, 1))
 
-    data = DeviceTrainData(ds, "image", "label", 4, _spec(), DataArguments(crop_padding=4), 4, 0, 1, SEED, "cpu")
+    data = DeviceTrainData(ds, "image", "label", 4, _spec(), DataArguments(crop_padding=4), Topology(1, 0, 4), 0, SEED,
+                           "cpu")
     total, bad_seen = 0, []
     for batch in data:
         assert len(batch["labels"]) + len(batch["bad_keys"]) == batch["num_examples"] == 4

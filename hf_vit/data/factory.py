@@ -96,7 +96,7 @@ def train_topology(args: DataArguments, per_device_batch: int, processes: int, a
 def stream_unit_rows(splits: DataSplits, args: DataArguments) -> list[int] | None:
     """Raw rows per unit (parquet row group, in the order ``IterableDataset.reshard`` splits the files) of a local
     parquet stream, from the footers alone; None when they cannot be known without reading the data."""
-    if not args.streaming or args.max_train_samples is not None:
+    if not args.streaming:
         return None
     files = local_data_files(args, args.train_split)
     if not files or not all(f.endswith(".parquet") for f in files):
@@ -119,7 +119,7 @@ def build_train_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, t
         return DeviceTrainData(splits.train, splits.image_column, splits.label_column, len(splits.label_names), spec,
                                args, topology, rank, seed, device)
     stream = TrainStream(splits.train, topology, rank, seed, splits.num_train_examples,
-                         sharding=stream_sharding(args), shuffle_buffer_size=args.shuffle_buffer_size,
+                         sharding=args.stream_sharding, shuffle_buffer_size=args.shuffle_buffer_size,
                          unit_rows=stream_unit_rows(splits, args))
     transform = train_transform(spec, args)
     finish = None
@@ -130,12 +130,6 @@ def build_train_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, t
         collate = DecodeCollate(transform, splits.image_column, splits.label_column, len(splits.label_names), seed,
                                 train=True)
     return LoaderTrainData(stream, collate, topology.workers, device, finish)
-
-
-def stream_sharding(args: DataArguments) -> str:
-    """The stream rule in force: a stream cut by ``max_train_samples`` (``take``) cannot be split into units, so it is
-    walked whole."""
-    return "exact" if args.max_train_samples is not None else args.stream_sharding
 
 
 def build_eval_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, per_device_batch: int, seed: int,

@@ -263,8 +263,12 @@ def load_splits(args: DataArguments, seed: int, loaded=None) -> DataSplits:
             logger.warning("%d training examples per epoch is an estimate (%s); set --train_samples to the exact "
                            "count (`python -m hf_vit.data describe` prints it as selected_examples)", n_train, source)
     if args.max_train_samples is not None:
-        train = train.select(range(min(len(train), args.max_train_samples))) if not streaming \
-            else train.take(args.max_train_samples)
+        if not streaming:
+            train = train.select(range(min(len(train), args.max_train_samples)))
+        elif args.stream_sharding == "exact":
+            train = train.take(args.max_train_samples)
+        # else (stream_sharding shards): the cap is the epoch length; each consumer takes its share of it from its own
+        # range of the stream (hf_vit.data.sharding), so the examples come from every shard instead of the first ones.
         n_train = min(n_train, args.max_train_samples) if n_train is not None else args.max_train_samples
         source += ", capped by max_train_samples"
     if eval_ds is not None and args.max_eval_samples is not None:
