@@ -5,11 +5,13 @@
         [any run flag, e.g. --hidden_size 128 --max_grad_norm 1.0 --label_smoothing 0.1]
 
 * ``pipeline``: ``hf_vit.trainer.Run.train_step`` — the trainer's own step (uint8 -> normalise on the device, forward
-  under accelerate's autocast, its loss, backward, the per-step all-reduce of the loss totals, gradient clipping,
-  AdamW with its parameter groups, the LR scheduler), on a ``Run`` built from a ``RunConfig`` like any training run.
+  under accelerate's autocast, its loss, backward, the loss and accuracy sums kept on the device, gradient clipping,
+  the non-finite check and fused AdamW with its parameter groups (the skip decided on the device), the LR scheduler),
+  on a ``Run`` built from a ``RunConfig`` like any training run. The loop reads the step's sums once per logging
+  window, outside this method (``Run._count``): not timed here.
 * ``bare``: the same model (a copy of the same initial weights) in the shortest loop that trains it:
-  ``model(pixel_values).logits`` -> cross-entropy -> backward -> ``torch.optim.AdamW`` step, on float pixels already
-  normalised.
+  ``model(pixel_values).logits`` -> cross-entropy -> backward -> ``torch.optim.AdamW`` step (fused, the kernel the
+  pipeline uses), on float pixels already normalised.
 
 Data is already in memory on the device (synthetic uint8 batches), so the figure is the step alone; the data path is
 ``benchmarks/bench_data.py``'s. After ``--warmup`` steps of each, ``--rounds`` rounds time ``--steps`` steps of each,
@@ -117,8 +119,9 @@ class BareLoop:
 
         self.device = next(model.parameters()).device
         self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                                           fused=True if self.device.type == "cuda" else None)
+        # Fused on the CPU too, as the pipeline's (hf_vit.optim.build_optimizer): the ratio then measures what the
+        # pipeline's step adds, not which AdamW kernel each loop happens to use.
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
         if torch_compile:
             self.model = torch.compile(model)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)

@@ -12,9 +12,10 @@ from .errors import UserError
 
 logger = logging.getLogger("hf_vit")
 
-# One-sided confidence of the bad-data stop, checked after every step: a run with exactly max_bad_sample_fraction
-# unusable images is stopped by chance with probability 3e-7 per check (z = 5), below 0.3% over 10,000 checks (union
-# bound), while half the images bad stops a run after its first batch of 32, and 10% bad (limit 1%) after 64 images.
+# One-sided confidence of the bad-data stop, checked for every step (when the loop reads the steps' counts from the
+# device): a run with exactly max_bad_sample_fraction unusable images is stopped by chance with probability 3e-7 per
+# check (z = 5), below 0.3% over 10,000 checks (union bound), while half the images bad stops a run after its first
+# batch of 32, and 10% bad (limit 1%) after 64 images.
 BAD_DATA_Z = 5.0
 BAD_EXAMPLES_KEPT = 10  # keys kept for the error message
 
@@ -49,14 +50,15 @@ def note_bad_examples(state, bad_keys: list[str]) -> None:
         logger.warning("skipped unusable examples: %s", bad_keys)
 
 
-def check_nonfinite_streak(state, limit: int, output_dir: str) -> None:
+def check_nonfinite_streak(state, limit: int, output_dir: str, step: int) -> None:
     """Stop after ``limit`` (``max_nonfinite_steps``) skipped non-finite steps in a row, naming the last good
-    checkpoint."""
+    checkpoint. ``step``: the global step the streak in ``state.nonfinite_in_a_row`` ends at (the loop counts its
+    steps when it reads them from the device, after the fact)."""
     if state.nonfinite_in_a_row >= limit:
         good = ckpt.complete_checkpoints(output_dir)
         raise UserError(
             f"{state.nonfinite_in_a_row} non-finite losses or gradients in a row (steps "
-            f"{state.global_step - state.nonfinite_in_a_row + 1}-{state.global_step}); stopping. Lower learning_rate, "
+            f"{step - state.nonfinite_in_a_row + 1}-{step}); stopping. Lower learning_rate, "
             "keep max_grad_norm on, or use bf16 instead of fp16; the last good checkpoint is "
             f"{str(good[-1]) if good else 'none (none was saved before the first one)'}"
         )

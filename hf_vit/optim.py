@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from .config import TrainingArguments
 from .errors import UserError
@@ -76,12 +78,35 @@ def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.op
     groups = param_groups(model, args)
     for g in groups:
         g["lr"] = args.learning_rate * g["lr_scale"]
-    # fused=True runs one kernel per group on CUDA; it is not available for CPU tensors.
-    fused = all(p.is_cuda for g in groups for p in g["params"])
+    # Fused: the whole update in one kernel per device and dtype (CUDA and CPU alike; 3x torch's per-tensor loop for a
+    # small ViT on one CPU core), and the only AdamW that can skip a step on a flag that stays on the device
+    # (``found_inf``, see step_unless). A device without a fused kernel gets torch's default; step_unless then reads
+    # the flag.
+    fused = all(p.device.type in _get_fused_kernels_supported_devices() and torch.is_floating_point(p)
+                for g in groups for p in g["params"])
     return torch.optim.AdamW(
         groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
         fused=fused or None,
     )
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()``, except where ``skip`` (a float32 0-dim tensor on the device, 1.0 = skip) is set: then the
+    parameters and the optimizer state (moments, step count) are left exactly as they were.
+
+    Fused AdamW decides this inside its kernel from a ``found_inf`` attribute — the mechanism GradScaler uses to skip
+    an overflowing fp16 step — so the host never waits for the flag. An optimizer without it (no fused kernel for the
+    device) reads the flag: one host read. ``optimizer``: a torch optimizer or accelerate's wrapper of one (whose
+    ``step`` also knows about gradient accumulation)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if getattr(inner, "_step_supports_amp_scaling", False):
+        inner.found_inf = skip
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not skip.item():
+        optimizer.step()
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, start: float, end: float) -> float:
@@ -105,31 +130,39 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, t
     return LambdaLR(optimizer, factor)
 
 
-def _ema_multi_avg_fn(decay: float):
-    """torch's EMA update for floating tensors; integer buffers (counters such as ``num_batches_tracked``) are
-    copied instead, because torch's fallback would truncate ``decay * ema + (1 - decay) * value`` and freeze them."""
-    float_update = get_ema_multi_avg_fn(decay)
-
-    @torch.no_grad()
-    def update(ema_tensors, model_tensors, num_averaged):
-        if torch.is_floating_point(ema_tensors[0]) or torch.is_complex(ema_tensors[0]):
-            float_update(ema_tensors, model_tensors, num_averaged)
-        else:
-            torch._foreach_copy_(ema_tensors, model_tensors)
-
-    return update
-
-
 class EMA(AveragedModel):
     """Exponential moving average of the weights and floating buffers, updated after every optimizer step.
 
     The first update copies the model (``n_averaged`` 0 -> 1); every later one sets
-    ``ema = decay * ema + (1 - decay) * current``.
+    ``ema = decay * ema + (1 - decay) * current``; integer buffers (counters such as ``num_batches_tracked``) are
+    copied instead, because averaging would truncate ``decay * ema + (1 - decay) * value`` and freeze them.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        super().__init__(model, multi_avg_fn=_ema_multi_avg_fn(decay), use_buffers=True)
+        # n_averaged lives on the model's device: the update branches on it there, never on the host.
+        super().__init__(model, device=next(model.parameters()).device, use_buffers=True)
         self.decay = decay
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module, skip: torch.Tensor | None = None) -> None:
+        """One EMA update from ``model``; none at all where ``skip`` (a 0-dim tensor on the device, nonzero for a
+        skipped optimizer step) is set. Decided on the device — torch's ``AveragedModel.update_parameters`` asks
+        ``n_averaged == 0`` on the host — so that the training step never waits for the device."""
+        keep = torch.zeros((), dtype=torch.bool, device=self.n_averaged.device) if skip is None else skip.bool()
+        # The model's share: 1 on the first update (an exact copy: lerp returns its end point at weight 1), 0 on a
+        # skipped step (lerp then returns the EMA itself, the weights being finite and untouched by a skipped step);
+        # float32 like torch's scalar lerp rounds 1 - decay, so the averages are bit for bit those of
+        # ``torch._foreach_lerp_(ema, current, 1 - decay)`` (tests/test_optim.py).
+        share = torch.where(keep, 0.0, torch.where(self.n_averaged == 0, 1.0, 1.0 - self.decay))
+        ema_params = list(self.module.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()],
+                             [share.to(p.dtype) for p in ema_params])
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            # Buffers (few, small) by selection: a skipped step's forward may have left NaN in BatchNorm statistics,
+            # which no interpolation weight keeps out.
+            new = torch.lerp(mine, theirs, share.to(mine.dtype)) if torch.is_floating_point(mine) else theirs
+            mine.copy_(torch.where(keep, mine, new))
+        self.n_averaged += (~keep).long()
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:

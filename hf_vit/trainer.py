@@ -32,6 +32,7 @@ from .plan import RunPlan, check_plan, make_plan
 from .run_dir import TRACKER_DIR, FinalOutputs, check_output_dir, prepare_output_dir, record_created
 from .runtime import Preemption, build_accelerator, configure_deepspeed, on_main_process, setup_logging
 from .scoring import eval_results, evaluate_classifier
+from .optim import step_unless
 
 logger = logging.getLogger("hf_vit")
 
@@ -54,28 +55,29 @@ class LoopState:
 
 
 class StepResult(NamedTuple):
-    """One optimizer step, summed over its micro-batches and over processes."""
+    """One optimizer step on this process. Its tensors stay on the device: reading one would wait for the step to
+    finish, so the loop reads them a window of steps at a time (``Run._count``). The rest is known on the host."""
 
-    loss_sum: float  # loss x examples
-    examples: float
-    correct: float  # examples whose argmax is the (dominant) label
-    bad: float  # unusable examples skipped
-    nonfinite: float  # 1 when the step was skipped for a non-finite loss or gradient
-    stop: float  # > 0 when some process received a preemption signal
+    loss_sum: torch.Tensor  # () float32: loss x examples, over the step's micro-batches
+    correct: torch.Tensor  # () float32: examples whose argmax is the (dominant) label
+    nonfinite: torch.Tensor  # () float32: 1.0 when the step was skipped (non-finite loss on any process, or gradient)
+    examples: int  # examples trained on
+    bad: int  # unusable examples skipped
+    stop: bool  # a preemption signal had reached this process
 
 
 @dataclass
 class TrainWindow:
-    """Train loss and accuracy accumulated since the last log line."""
+    """Train loss and accuracy accumulated since the last log line, and the steps not yet read from the device."""
 
     loss_sum: float = 0.0
     examples: float = 0.0
     correct: float = 0.0
+    unread: list = field(default_factory=list)  # StepResults since the last read
+    stop: bool = False  # some process asked to stop (known at a read)
 
     def add(self, step: StepResult) -> None:
-        if not step.nonfinite:
-            self.loss_sum, self.examples = self.loss_sum + step.loss_sum, self.examples + step.examples
-            self.correct += step.correct
+        self.unread.append(step)
 
     def means(self) -> tuple[float, float]:
         if not self.examples:
@@ -153,11 +155,13 @@ class Run:
     # ------------------------------------------------------------------------------------------------ the loop
     def train_step(self, batches, preemption: Preemption | None = None) -> StepResult:
         """One optimizer step on ``gradient_accumulation_steps`` micro-batches drawn from the iterator ``batches``:
-        forward, loss, backward, clipping, AdamW, EMA and the LR schedule; a non-finite loss skips the update.
+        forward, loss, backward, clipping, AdamW, EMA and the LR schedule; a non-finite loss or gradient skips the
+        update. Nothing here waits for the device: the sums stay on it and the skip is decided there.
         Benchmarks time exactly this method (benchmarks/bench_train.py)."""
         args, acc, model = self.cfg.train, self.accelerator, self.model
         model.train()
-        totals = torch.zeros(len(StepResult._fields), device=acc.device)
+        loss_sum = correct = torch.zeros((), device=acc.device)
+        examples = bad = 0
         for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
             with acc.accumulate(model):  # gradients are all-reduced only on the step's last micro-batch
@@ -170,31 +174,32 @@ class Run:
                 else:
                     loss = self._empty_batch_loss(pixels)
                 acc.backward(loss)  # divided by the accumulation steps
-            hard = targets if targets.ndim == 1 else targets.argmax(-1)  # MixUp/CutMix: the dominant label
-            totals += torch.tensor([loss.item() * len(targets), len(targets), 0.0, len(batch["bad_keys"]),
-                                    float(not math.isfinite(loss.item())), 0.0], device=acc.device)
+            loss_sum = loss_sum + loss.detach().float() * len(targets)  # float32 sums, as the loop always kept them
             if len(targets):
-                totals[2] += (logits.argmax(-1) == hard).sum()
+                hard = targets if targets.ndim == 1 else targets.argmax(-1)  # MixUp/CutMix: the dominant label
+                correct = correct + (logits.argmax(-1) == hard).sum()
+            examples, bad = examples + len(targets), bad + len(batch["bad_keys"])
             note_bad_examples(self.state, batch["bad_keys"])
-        totals[5] = float(preemption is not None and preemption.requested)
-        # One small all-reduce per step: every rank takes the same skip/stop decisions.
-        step = StepResult(*acc.reduce(totals, "sum").tolist())
-        if not step.nonfinite and args.max_grad_norm:
+        # Skip on a non-finite loss on any process (a one-element all-reduce, queued on the device like the gradients')
+        # or a non-finite global gradient norm: a finite loss can still give inf/NaN gradients, and one such update
+        # poisons every weight. Under fp16 accelerate's GradScaler skips those itself (and must see them to lower its
+        # scale); under DeepSpeed the engine has stepped inside backward: the flag then only counts and spares the EMA.
+        nonfinite = (~torch.isfinite(loss_sum)).float()
+        if acc.num_processes > 1:
+            nonfinite = acc.reduce(nonfinite, "max")
+        if args.max_grad_norm:
             grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # None under DeepSpeed
-            # A finite loss can still give inf/NaN gradients, and one such update poisons every weight. (Under fp16
-            # the grad scaler skips those steps itself, and must see them to lower its scale.) The norm is global,
-            # so every rank decides alike.
-            if acc.scaler is None and grad_norm is not None and not math.isfinite(float(grad_norm)):
-                step = step._replace(nonfinite=1.0)
-        if step.nonfinite:
-            self.optimizer.zero_grad(set_to_none=True)
+            if acc.scaler is None and isinstance(grad_norm, torch.Tensor):
+                nonfinite = torch.maximum(nonfinite, (~torch.isfinite(grad_norm)).float())
+        if acc.scaler is None and acc.distributed_type != DistributedType.DEEPSPEED:
+            step_unless(self.optimizer, nonfinite)  # fused AdamW leaves a skipped step out on the device
         else:
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update_parameters(acc.unwrap_model(model))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(acc.unwrap_model(model), skip=nonfinite)
         self.scheduler.step()
-        return step
+        return StepResult(loss_sum, correct, nonfinite, examples, bad, preemption is not None and preemption.requested)
 
     def _empty_batch_loss(self, pixels: torch.Tensor) -> torch.Tensor:
         """A zero loss with a gradient graph through every parameter, for a micro-batch whose examples were all
@@ -227,15 +232,21 @@ class Run:
                 while state.global_step < self.total_steps and not preempted:
                     if batches is None:  # a new epoch, or the rest of the one a resumed run stopped in
                         batches = loaders.enter_context(contextlib.closing(self._epoch_batches()))
-                    step = self.train_step(batches, preemption)
-                    self._count(step, window)
+                    window.add(self.train_step(batches, preemption))  # queued on the device, not waited for
+                    state.global_step, state.step_in_epoch = state.global_step + 1, state.step_in_epoch + 1
                     bar.update(1)
-                    check_nonfinite_streak(state, args.max_nonfinite_steps, args.output_dir)
-                    check_bad_samples(state, self.cfg.data.max_bad_sample_fraction, end_of_epoch=False)
-                    if state.global_step % args.logging_steps == 0 or state.global_step == self.total_steps:
+                    end_of_epoch = state.step_in_epoch == self.steps_per_epoch
+                    log_due = state.global_step % args.logging_steps == 0 or state.global_step == self.total_steps
+                    # The loop's one read of the device (_count, the window's steps at once): at a log line, the end
+                    # of an epoch or of training, and a checkpoint (_checkpoint_due). Counts, guards and preemption
+                    # are settled there, so a signal stops the run up to logging_steps steps after it arrives.
+                    if log_due or end_of_epoch:
+                        self._count(window)
+                    save_due = self._checkpoint_due(end_of_epoch, window)
+                    preempted = window.stop
+                    if log_due:
                         self._log_train(window, bar)
                         window = TrainWindow()
-                    end_of_epoch = state.step_in_epoch == self.steps_per_epoch
                     if self._evaluation_due(end_of_epoch):
                         last_eval = self._evaluate()
                     if end_of_epoch:
@@ -243,8 +254,7 @@ class Run:
                         batches.close()  # shut the epoch's workers down before the next epoch starts new ones
                         batches = None
                         check_bad_samples(state, self.cfg.data.max_bad_sample_fraction, end_of_epoch=True)
-                    preempted = bool(step.stop)
-                    if preempted or self._checkpoint_due(end_of_epoch):
+                    if preempted or save_due:
                         self.save_checkpoint()
             loaders.close()
             if not preempted:
@@ -272,20 +282,39 @@ class Run:
         self.train_data.set_epoch(state.epoch, skip_micro_batches=state.step_in_epoch * accumulation)
         return iter(self.train_data)
 
-    def _count(self, step: StepResult, window: TrainWindow) -> None:
-        state = self.state
-        state.global_step += 1
-        state.step_in_epoch += 1
-        state.samples_seen += int(step.examples)
-        state.bad_samples += int(step.bad)
-        if step.nonfinite:
-            state.nonfinite_steps += 1
-            state.nonfinite_in_a_row += 1
-            logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", state.global_step,
-                           state.nonfinite_in_a_row)
+    def _count(self, window: TrainWindow) -> None:
+        """Read the window's unread steps from the device — one transfer for all of them (after one all-reduce when
+        there are several processes: every rank reads at the same steps) — and count them step by step, as the loop
+        did when it read every step: samples seen, unusable examples, skipped steps and their streak, the guards after
+        each step (so a stop names the same steps), the window's loss and accuracy. Sets ``window.stop`` when any
+        process asked to stop. Nothing to read: nothing happens."""
+        steps, window.unread = window.unread, []
+        if not steps:
+            return
+        acc, state, args = self.accelerator, self.state, self.cfg.train
+        sums = torch.stack([t for s in steps for t in (s.loss_sum, s.correct, s.nonfinite)]).view(len(steps), 3)
+        host = [[s.examples, s.bad, float(s.stop)] for s in steps]
+        if acc.num_processes > 1:
+            host = torch.tensor(host, dtype=sums.dtype).to(acc.device, non_blocking=True)
+            rows = acc.reduce(torch.cat([sums, host], dim=1), "sum").tolist()
         else:
-            state.nonfinite_in_a_row = 0
-        window.add(step)
+            rows = [device + known for device, known in zip(sums.tolist(), host)]
+        first = state.global_step - len(steps) + 1
+        for step, (loss_sum, correct, nonfinite, examples, bad, stop) in enumerate(rows, start=first):
+            state.samples_seen += int(examples)
+            state.bad_samples += int(bad)
+            if nonfinite:
+                state.nonfinite_steps += 1
+                state.nonfinite_in_a_row += 1
+                logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step,
+                               state.nonfinite_in_a_row)
+            else:
+                state.nonfinite_in_a_row = 0
+                window.loss_sum, window.examples = window.loss_sum + loss_sum, window.examples + examples
+                window.correct += correct
+            window.stop = window.stop or bool(stop)
+            check_nonfinite_streak(state, args.max_nonfinite_steps, args.output_dir, step)
+            check_bad_samples(state, self.cfg.data.max_bad_sample_fraction, end_of_epoch=False)
 
     def _log_train(self, window: TrainWindow, bar) -> None:
         loss, accuracy = window.means()
@@ -305,12 +334,16 @@ class Run:
             return False
         return self.state.global_step % eval_steps == 0 if eval_steps else end_of_epoch
 
-    def _checkpoint_due(self, end_of_epoch: bool) -> bool:
+    def _checkpoint_due(self, end_of_epoch: bool, window: TrainWindow) -> bool:
         every = self.cfg.train.checkpointing_steps
         due = (str(every).isdigit() and self.state.global_step % int(every) == 0) or (every == "epoch" and end_of_epoch)
-        # No checkpoint inside a run of non-finite steps: it may hold diverged state, and its rotation would delete
-        # the last good checkpoint.
-        return due and not self.state.nonfinite_in_a_row
+        if not due:
+            return False
+        # The checkpoint records the counts, and none is taken inside a run of non-finite steps (it may hold diverged
+        # state, and its rotation would delete the last good checkpoint): both need the window's steps read first.
+        # Saving waits for the device anyway.
+        self._count(window)
+        return not self.state.nonfinite_in_a_row
 
     # --------------------------------------------------------------------------------------- setup, evaluation
     def _begin(self) -> None:
@@ -356,7 +389,7 @@ class Run:
     def _run_identity(self) -> dict:
         if getattr(self, "_identity", None) is None:
             self._identity = ckpt.run_identity(self.cfg.to_dict(), self.accelerator.unwrap_model(self.model).config,
-                                               self.data)
+                                               self.data, self.cfg.data)
         return self._identity
 
     def load_checkpoint(self, path: str) -> None:

@@ -1,4 +1,5 @@
-"""Optimisation for fine-tuning: group learning rates, layer decay, weight-decay exclusions, EMA, the smoothed loss.
+"""Optimisation for fine-tuning: group learning rates, layer decay, weight-decay exclusions, EMA, the smoothed loss,
+and a skipped step decided on the device.
 
 Every expected number is computed by hand here, not by calling the function under test a second time.
 """
@@ -9,10 +10,11 @@ import math
 
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_vit.config import TrainingArguments
-from hf_vit.optim import EMA, build_optimizer, build_scheduler, classification_loss, param_groups
+from hf_vit.optim import EMA, build_optimizer, build_scheduler, classification_loss, param_groups, step_unless
 
 DEPTH = 3
 
@@ -186,6 +188,73 @@ def test_ema_of_a_vit_tracks_every_parameter():
     ema.update_parameters(model)
     for name, value in ema.module.state_dict().items():
         assert torch.allclose(value, before[name] + 0.5, atol=1e-6), name
+
+
+def test_ema_averages_are_bit_for_bit_torchs_ema_while_deciding_on_the_device():
+    """Our EMA decides the first copy and the skip on the device; its averages are still exactly those of torch's own
+    EMA (``AveragedModel`` with ``get_ema_multi_avg_fn``, which branches on the host)."""
+    model = tiny_vit()
+    ours = EMA(model, decay=0.999)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        ours.update_parameters(model)
+        torchs.update_parameters(model)
+        assert all(torch.equal(a, b) for a, b in zip(ours.module.parameters(), torchs.module.parameters()))
+    assert int(ours.n_averaged) == 4
+
+
+def test_a_skipped_step_leaves_the_ema_exactly_as_it_was_even_with_nan_buffers():
+    """skip=1 (a skipped optimizer step, flagged on the device): weights, float buffers (here NaN, as a diverged
+    forward may leave BatchNorm statistics), integer counters and n_averaged are all unchanged; skip=0 updates."""
+    model = WithBuffers()
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        model.running.copy_(torch.tensor([4.0, 5.0]))
+        model.count.fill_(7)
+    ema.update_parameters(model, skip=torch.tensor(0.0))
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.running.fill_(math.nan)
+        model.count.fill_(8)
+    ema.update_parameters(model, skip=torch.tensor(1.0))
+    assert all(torch.equal(before[k], v) for k, v in ema.state_dict().items())
+    assert ema.module.weight.tolist() == [1.0, 2.0, 3.0] and int(ema.n_averaged) == 1
+    with torch.no_grad():
+        model.running.copy_(torch.tensor([14.0, 15.0]))
+    ema.update_parameters(model, skip=torch.tensor(0.0))
+    assert ema.module.weight.tolist() == pytest.approx([1.1, 2.1, 3.1])  # 0.9 * w + 0.1 * (w + 1)
+    assert ema.module.running.tolist() == pytest.approx([5.0, 6.0]) and int(ema.module.count) == 8
+    assert int(ema.n_averaged) == 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_unless_skips_on_the_flag_leaving_weights_and_adamw_state_untouched(fused):
+    """Fused AdamW skips inside its kernel (found_inf: no host read); torch's default AdamW reads the flag. Either way
+    a flagged step leaves the weights, both moments and the step count exactly as they were."""
+    model = tiny_vit()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused or None)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    step_unless(optimizer, torch.tensor(0.0))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()]
+    step_unless(optimizer, torch.tensor(1.0))
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
+    assert all(torch.equal(s[k], optimizer.state[p][k]) for s, p in zip(state, model.parameters()) for k in s)
+    assert not hasattr(optimizer, "found_inf")  # nothing left behind for a later step
+    step_unless(optimizer, torch.tensor(0.0))
+    assert not any(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
+    assert {float(optimizer.state[p]["step"]) for p in model.parameters()} == {2.0}
+
+
+def test_the_optimizer_is_fused_on_the_cpu_too():
+    assert build_optimizer(tiny_vit(), TrainingArguments()).defaults["fused"] is True
 
 
 def test_smoothed_cross_entropy_matches_a_hand_computation_for_hard_targets():
