@@ -243,40 +243,57 @@ IDENTITY_KEYS = (*IDENTITY_SETTINGS, "model", "dataset")
 _FINGERPRINT_SAMPLES = 32
 
 
-def dataset_fingerprint(data) -> str:
-    """A cheap fingerprint of the examples a run trains and validates on (``data``: a
-    :class:`hf_vit.data.sources.DataSplits`): the class names, the split sizes and the keys of up to 32 training
-    examples (evenly spread over a map-style split, the first ones of a stream). Keys are paths or hashes of the
-    bytes, so a moved copy of the same data has the same fingerprint and another dataset of the same size has
-    another; nothing is decoded."""
+def dataset_fingerprint(data, data_args=None) -> str:
+    """A cheap fingerprint of the dataset a run reads, before its own carving (``data``: a
+    :class:`hf_vit.data.sources.DataSplits`; ``data_args``: its DataArguments): the class names and the size of the
+    train split, plus, for a map-style split, the keys of 32 examples evenly spread over the whole split (keys are
+    paths or hashes of the bytes: a moved copy of the same data keeps its fingerprint, another dataset of the same size
+    gets another), and for a stream the names and sizes of its local data files. Independent of the seed, the
+    validation carve-out and the subset, which the identity records on their own; nothing is decoded."""
     import hashlib
-    import itertools
 
     from .data.keys import example_key
 
-    digest = hashlib.sha256(json.dumps([list(data.label_names), data.num_train_examples,
-                                        data.num_eval_examples]).encode())
-    train, column = data.train, data.image_column
-    if hasattr(train, "__len__") and hasattr(train, "__getitem__"):
-        n = len(train)
-        picks = sorted({i * n // _FINGERPRINT_SAMPLES for i in range(_FINGERPRINT_SAMPLES)}) if n else []
-        rows = (train[i] for i in picks)
-    else:
-        rows = itertools.islice(iter(train), _FINGERPRINT_SAMPLES)
-    for row in rows:
-        image = row.get(column) if isinstance(row, dict) else None
-        digest.update(example_key(image if isinstance(image, dict) else None).encode() + b"\n")
+    digest = hashlib.sha256(json.dumps([list(data.label_names), data.info.get("num_examples_in_split")]).encode())
+    table = getattr(data.train, "data", None)  # a map-style split's whole Arrow table (filters only add indices)
+    if table is not None and data.image_column in getattr(table, "column_names", []):
+        column = table.column(data.image_column)
+        n = len(column)
+        for i in sorted({i * n // _FINGERPRINT_SAMPLES for i in range(_FINGERPRINT_SAMPLES)}) if n else []:
+            image = column[i].as_py()
+            digest.update(example_key(image if isinstance(image, dict) else None).encode() + b"\n")
+    elif data_args is not None:
+        for name, size in _data_files(data_args):
+            digest.update(f"{name}:{size}\n".encode())
     return digest.hexdigest()[:32]
 
 
-def run_identity(config: dict, model_config, data) -> dict:
+def _data_files(data_args, limit: int = 100_000) -> list[tuple[str, int]]:
+    """(name relative to the dataset folder, size) of a local dataset's files (at most ``limit``); none for a Hub id
+    (its name and split sizes stand for it)."""
+    root = os.path.expanduser(data_args.dataset_name)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            found.append((os.path.relpath(path, root), os.path.getsize(path)))
+            if len(found) >= limit:
+                return found
+    return found
+
+
+def run_identity(config: dict, model_config, data, data_args=None) -> dict:
     """The identity a checkpoint records: ``config`` (the run's flat settings, :meth:`RunConfig.to_dict`) restricted
     to :data:`IDENTITY_SETTINGS`, the model's architecture (``model_config``: its transformers config) and the
     dataset (``data``: its name, shown in messages, and :func:`dataset_fingerprint`, compared)."""
     model = {k: getattr(model_config, k) for k in IDENTITY_MODEL_FIELDS if getattr(model_config, k, None) is not None}
     return {**{k: config.get(k) for k in IDENTITY_SETTINGS},
             "model": json.loads(json.dumps(model, default=str)),
-            "dataset": {"name": config.get("dataset_name"), "fingerprint": dataset_fingerprint(data)}}
+            "dataset": {"name": config.get("dataset_name"), "fingerprint": dataset_fingerprint(data, data_args)}}
 
 
 def parse_accepted_changes(value: str | None) -> list[str]:
