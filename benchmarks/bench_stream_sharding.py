@@ -119,16 +119,26 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=300)
     parser.add_argument("--row_groups", type=int, default=10)
     parser.add_argument("--rows_per_group", type=int, default=20)
+    parser.add_argument("--small_row_groups", type=int, default=20, help="row groups per file of the 10-file case")
+    parser.add_argument("--small_rows_per_group", type=int, default=100,
+                        help="rows per row group of the 10-file case (100: what datasets writes for image data)")
+    parser.add_argument("--cases", default="big,small,single", help="which cases: big, small, single")
     args = parser.parse_args()
+    cases = set(args.cases.split(","))
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp:
-        big = write_stream(Path(tmp) / "big", args.files, args.row_groups, args.rows_per_group)
-        small = write_stream(Path(tmp) / "small", 10, args.row_groups, args.rows_per_group)
-        single = write_stream(Path(tmp) / "single", args.files, 1, args.row_groups * args.rows_per_group)
         # ViT-B/16's ImageNet recipe: global batch 1600 = 200 per GPU on 8 GPUs; scaled to these rows: 4 per consumer.
-        report(f"8 GPUs x 16 workers, {args.files} files x {args.row_groups} row groups", big, Topology(8, 16, 4, 1))
-        report(f"1 GPU x 16 workers, 10 files x {args.row_groups} row groups", small, Topology(1, 16, 4, 1))
-        report(f"8 GPUs x 16 workers, {args.files} files of one row group", single, Topology(8, 16, 4, 1))
+        if "big" in cases:
+            big = write_stream(Path(tmp) / "big", args.files, args.row_groups, args.rows_per_group)
+            report(f"8 GPUs x 16 workers, {args.files} files x {args.row_groups} row groups of {args.rows_per_group}",
+                   big, Topology(8, 16, 4, 1))
+        if "small" in cases:
+            small = write_stream(Path(tmp) / "small", 10, args.small_row_groups, args.small_rows_per_group)
+            report(f"1 GPU x 16 workers, 10 files x {args.small_row_groups} row groups of {args.small_rows_per_group}",
+                   small, Topology(1, 16, 4, 1))
+        if "single" in cases:
+            single = write_stream(Path(tmp) / "single", args.files, 1, args.row_groups * args.rows_per_group)
+            report(f"8 GPUs x 16 workers, {args.files} files of one row group", single, Topology(8, 16, 4, 1))
 
 
 if __name__ == "__main__":
