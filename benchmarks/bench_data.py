@@ -97,8 +97,8 @@ def pipeline_fn(spec: ImageSpec, args: DataArguments, image_col: str, normalize_
     def run(batch: list[dict], epoch: int):
         collate.epoch = epoch
         out = collate(batch)
-        assert not out["bad_keys"], out["bad_keys"]
-        return normalize(out["pixel_values"], mean, std) if normalize_on_cpu else out["pixel_values"]
+        assert not out.bad_keys, out.bad_keys
+        return normalize(out.pixel_values, mean, std) if normalize_on_cpu else out.pixel_values
 
     return run
 
@@ -112,7 +112,7 @@ def plan_fn(spec: ImageSpec, args: DataArguments, image_col: str):
     def run(batch: list[dict], epoch: int):
         collate.epoch = epoch
         out = collate(batch)
-        assert not out["bad_keys"] and len(out["jpeg_data"]) == len(batch), out["bad_keys"]
+        assert not out.bad_keys and len(out.jpeg_data) == len(batch), out.bad_keys
         return out
 
     return run

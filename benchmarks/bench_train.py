@@ -101,13 +101,14 @@ def synthetic_batches(run, batch_size: int, count: int = 4):
     """``count`` distinct uint8 batches on the device, shaped like the trainer's loader output."""
     import torch
 
+    from hf_vit.data import Batch
+
     size = run.spec.image_size
     g = torch.Generator().manual_seed(0)
     device = run.accelerator.device
-    return [{"pixel_values": torch.randint(0, 256, (batch_size, 3, size, size), generator=g,
-                                           dtype=torch.uint8).to(device),
-             "labels": torch.randint(0, len(run.label_names), (batch_size,), generator=g).to(device),
-             "bad_keys": [], "num_examples": batch_size} for _ in range(count)]
+    return [Batch(torch.randint(0, 256, (batch_size, 3, size, size), generator=g, dtype=torch.uint8).to(device),
+                  torch.randint(0, len(run.label_names), (batch_size,), generator=g).to(device),
+                  num_examples=batch_size) for _ in range(count)]
 
 
 class BareLoop:
@@ -127,8 +128,8 @@ class BareLoop:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
         self.autocast = dict(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
         # Float pixels already normalised: the bare loop does no data work at all.
-        self.batches = [((b["pixel_values"].float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1),
-                         b["labels"]) for b in batches]
+        self.batches = [((b.pixel_values.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1),
+                         b.labels) for b in batches]
         self.i = 0
 
     def step(self):

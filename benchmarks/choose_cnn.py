@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_vit.config import parse_config  # noqa: E402
+from hf_vit.data import Batch  # noqa: E402
 from hf_vit.models import build_config, num_parameters, training_flops_per_image  # noqa: E402
 
 LABELS = [f"class_{i}" for i in range(10)]
@@ -104,8 +105,8 @@ def time_candidates(names, precision, batch_size, steps, rounds, warmup, log=pri
     """Median CPU and wall seconds per training step of each candidate (bench_train's bare loop and timer)."""
     bench = _bench_train()
     g = torch.Generator().manual_seed(0)
-    batches = [{"pixel_values": torch.randint(0, 256, (batch_size, 3, 32, 32), generator=g, dtype=torch.uint8),
-                "labels": torch.randint(0, 10, (batch_size,), generator=g)} for _ in range(2)]
+    batches = [Batch(torch.randint(0, 256, (batch_size, 3, 32, 32), generator=g, dtype=torch.uint8),
+                     torch.randint(0, 10, (batch_size,), generator=g)) for _ in range(2)]
     device = torch.device("cpu")
     loops = {name: bench.BareLoop(make_model(name, precision), batches, precision, False, 1e-3, 0.05,
                                   torch.tensor(MEAN), torch.tensor(STD)) for name in names}

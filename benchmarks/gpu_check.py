@@ -142,7 +142,7 @@ def part_c(args, log) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         rate = len(examples) / (time.perf_counter() - start)
-        assert decoded["pixel_values"].shape[1:] == (3, 224, 224)
+        assert decoded.pixel_values.shape[1:] == (3, 224, 224)
         out[augmentation] = {"worker_images_per_sec_per_core": round(worker, 1),
                              "device_images_per_sec": round(rate, 1)}
         log(f"(c) {augmentation}: worker {worker:.0f} img/s per core, device {rate:.0f} img/s")

@@ -142,14 +142,14 @@ def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: 
     # closing: an error mid-way shuts the loader workers down now, not at interpreter exit (where they could hang it)
     with torch.no_grad(), contextlib.closing(iter(eval_data)) as batches:
         for batch in batches:
-            bad += batch["bad_keys"]
-            if not len(batch["labels"]):
+            bad += batch.bad_keys
+            if not len(batch.labels):
                 continue
             with accelerator.autocast():
-                logits = model(pixel_values=normalize(batch["pixel_values"], mean, std)).logits.float()
-            loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                logits = model(pixel_values=normalize(batch.pixel_values, mean, std)).logits.float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
             logits_all.append(logits)
-            labels_all.append(batch["labels"])
+            labels_all.append(batch.labels)
     if bad:
         logger.warning("%d eval images were unusable and left out of the evaluation, e.g. %s", len(bad), bad[:3])
     logits = torch.cat(logits_all) if logits_all else torch.zeros(0, len(label_names), device=device)

@@ -165,7 +165,7 @@ class Run:
         for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
             with acc.accumulate(model):  # gradients are all-reduced only on the step's last micro-batch
-                pixels, targets = normalize(batch["pixel_values"], self.mean, self.std), batch["labels"]
+                pixels, targets = normalize(batch.pixel_values, self.mean, self.std), batch.labels
                 if self.mixer is not None and len(targets):
                     pixels, targets = self.mixer(pixels, targets)
                 if len(targets):
@@ -178,8 +178,8 @@ class Run:
             if len(targets):
                 hard = targets if targets.ndim == 1 else targets.argmax(-1)  # MixUp/CutMix: the dominant label
                 correct = correct + (logits.argmax(-1) == hard).sum()
-            examples, bad = examples + len(targets), bad + len(batch["bad_keys"])
-            note_bad_examples(self.state, batch["bad_keys"])
+            examples, bad = examples + len(targets), bad + len(batch.bad_keys)
+            note_bad_examples(self.state, batch.bad_keys)
         # Skip on a non-finite loss on any process (a one-element all-reduce, queued on the device like the gradients')
         # or a non-finite global gradient norm: a finite loss can still give inf/NaN gradients, and one such update
         # poisons every weight. Under fp16 accelerate's GradScaler skips those itself (and must see them to lower its

@@ -30,7 +30,7 @@ def probe(out: Path, name: str, flags: list[str]) -> None:
     run = Run(parse_config(flags))
     acc, t = run.accelerator, run.cfg.train
     run.train_data.set_epoch(0)
-    batches = [batch["keys"] for batch in run.train_data]
+    batches = [batch.keys for batch in run.train_data]
     record = {"rank": acc.process_index, "world": acc.num_processes, "workers": run.cfg.data.dataloader_num_workers,
               "per_device_train_batch_size": t.per_device_train_batch_size,
               "gradient_accumulation_steps": t.gradient_accumulation_steps, "steps_per_epoch": run.steps_per_epoch,

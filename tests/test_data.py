@@ -283,7 +283,7 @@ def test_resumed_batches_are_bit_identical_including_augmentation(parquet_200):
     resumed = list(loader)
     assert len(resumed) == len(whole) - 3
     for a, b in zip(whole[3:], resumed):
-        assert a["keys"] == b["keys"] and torch.equal(a["pixel_values"], b["pixel_values"])
+        assert a.keys == b.keys and torch.equal(a.pixel_values, b.pixel_values)
 
 
 def test_a_stream_shorter_or_longer_than_planned_still_gives_the_planned_micro_batches(saved_101):
@@ -299,7 +299,7 @@ def test_a_stream_shorter_or_longer_than_planned_still_gives_the_planned_micro_b
     # Planned for 50 (an under-estimate): stops after the 2 planned micro-batches.
     assert [len(_epoch(stream_ds, rank, 2, 1, 12, num_examples=50)) for rank in range(2)] == [2, 2]
     empty = DecodeCollate(lambda img: None, "image", "label", 4, 0, train=False)([])
-    assert empty["num_examples"] == 0 and empty["bad_keys"] == [] and empty["pixel_values"].shape[0] == 0
+    assert empty.num_examples == 0 and empty.bad_keys == [] and empty.pixel_values.shape[0] == 0
 
 
 # --------------------------------------------------------------------------------------------------------- transforms
@@ -341,10 +341,10 @@ def test_every_image_mode_becomes_3_channel_uint8_of_the_model_size(which):
     images = _image_of_every_mode(rng)
     batch = collate([{"image": {"bytes": _encoded(img), "path": f"{mode}.img"}, "label": 1}
                      for mode, img in images.items()])
-    assert batch["bad_keys"] == []
+    assert batch.bad_keys == []
     size = spec.image_size
-    assert batch["pixel_values"].shape == (len(images), 3, size, size) and batch["pixel_values"].dtype == torch.uint8
-    grey = batch["pixel_values"][0]
+    assert batch.pixel_values.shape == (len(images), 3, size, size) and batch.pixel_values.dtype == torch.uint8
+    grey = batch.pixel_values[0]
     if which != "enhanced":  # L -> R = G = B (TrivialAugmentWide's colour ops may not keep that)
         assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
 
@@ -652,13 +652,13 @@ def test_bad_examples_are_skipped_and_reported_by_key():
     for transform in (train_transform(spec, DataArguments()), eval_transform(spec)):
         collate = DecodeCollate(transform, "image", "label", 4, seed=0, train=True)
         batch = collate([{"image": {"bytes": b, "path": p}, "label": y} for p, b, y in rows])
-        assert batch["keys"] == ["good.jpg", "good2.jpg"] and batch["labels"].tolist() == [0, 3]
-        assert batch["pixel_values"].shape == (2, 3, 224, 224) and batch["num_examples"] == len(rows)
-        assert [b.split(" ")[0] for b in batch["bad_keys"]] == [p for p, _, _ in rows[1:-1]]
-        assert "label 4 outside [0, 4)" in batch["bad_keys"][4]
+        assert batch.keys == ["good.jpg", "good2.jpg"] and batch.labels.tolist() == [0, 3]
+        assert batch.pixel_values.shape == (2, 3, 224, 224) and batch.num_examples == len(rows)
+        assert [b.split(" ")[0] for b in batch.bad_keys] == [p for p, _, _ in rows[1:-1]]
+        assert "label 4 outside [0, 4)" in batch.bad_keys[4]
     # A batch of nothing but bad examples is empty but keeps the image size (the loop still steps on it).
     empty = collate([{"image": {"bytes": b"x", "path": "x.jpg"}, "label": 0}])
-    assert empty["pixel_values"].shape == (0, 3, 224, 224) and empty["labels"].shape == (0,)
+    assert empty.pixel_values.shape == (0, 3, 224, 224) and empty.labels.shape == (0,)
 
 
 @pytest.fixture(scope="module")

@@ -70,19 +70,19 @@ def test_decoding_on_a_cpu_device_gives_the_loader_paths_batches_bit_for_bit(aug
         plan = planned(examples)
         # The 24 photos, the grey JPEG and the one with the bad Huffman table (its header is fine) go to the device;
         # CMYK, PNG, the truncated file (no end-of-image marker) and the bad or missing labels take the worker path.
-        assert len(plan["jpeg_data"]) == 26
+        assert len(plan.jpeg_data) == 26
         got = DeviceJpegDecoder(transform, torch.device("cpu"))(plan)
-        by_key = dict(zip(want["keys"], want["pixel_values"]))
-        assert sorted(got["keys"]) == sorted(want["keys"]) and len(got["pixel_values"]) == len(got["keys"])
-        for key, pixels, label in zip(got["keys"], got["pixel_values"], got["labels"].tolist()):
+        by_key = dict(zip(want.keys, want.pixel_values))
+        assert sorted(got.keys) == sorted(want.keys) and len(got.pixel_values) == len(got.keys)
+        for key, pixels, label in zip(got.keys, got.pixel_values, got.labels.tolist()):
             assert torch.equal(pixels, by_key[key]), (augmentation, epoch, key)
-            assert label == want["labels"][want["keys"].index(key)]
-        assert got["pixel_values"].dtype == torch.uint8 and got["pixel_values"].shape[1:] == (3, 64, 64)
+            assert label == want.labels[want.keys.index(key)]
+        assert got.pixel_values.dtype == torch.uint8 and got.pixel_values.shape[1:] == (3, 64, 64)
         # Bad examples are reported by key on both paths: the label and the truncated file by the worker, the
         # undecodable Huffman table by the worker (PIL) on one path and by the device decoder on the other.
-        assert sorted(b.split(" ")[0] for b in got["bad_keys"]) == sorted(b.split(" ")[0] for b in want["bad_keys"]) \
+        assert sorted(b.split(" ")[0] for b in got.bad_keys) == sorted(b.split(" ")[0] for b in want.bad_keys) \
             == ["huffman.jpg", "label.jpg", "nolabel.jpg", "truncated.jpg"]
-        assert plan["num_examples"] == want["num_examples"] == len(examples)
+        assert plan.num_examples == want.num_examples == len(examples)
 
 
 def test_images_the_device_decoder_refuses_are_decoded_on_the_cpu_and_only_undecodable_ones_are_bad(
@@ -104,9 +104,9 @@ def test_images_the_device_decoder_refuses_are_decoded_on_the_cpu_and_only_undec
     expected = DeviceJpegDecoder(transform, torch.device("cpu"))(plan)
     monkeypatch.setattr(device_jpeg, "decode_jpeg", refusing_device)
     got = DeviceJpegDecoder(transform, torch.device("cpu", 0))(plan)
-    assert torch.equal(got["pixel_values"], expected["pixel_values"]) and got["keys"] == expected["keys"]
-    assert [b.split(" ")[0] for b in got["bad_keys"]] == [b.split(" ")[0] for b in expected["bad_keys"]]
-    assert "huffman.jpg" in " ".join(got["bad_keys"])
+    assert torch.equal(got.pixel_values, expected.pixel_values) and got.keys == expected.keys
+    assert [b.split(" ")[0] for b in got.bad_keys] == [b.split(" ")[0] for b in expected.bad_keys]
+    assert "huffman.jpg" in " ".join(got.bad_keys)
 
 
 def test_decode_on_device_is_refused_for_pad_and_crop_training():

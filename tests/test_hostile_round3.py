@@ -633,8 +633,8 @@ def test_the_loader_and_the_device_jpeg_path_train_on_the_upright_image():
     planned = JpegPlanCollate(transform, "img", "label", 4, seed=1)
     assert [planned.plan(r) is not None for r in rows] == [True] + [False] * 7  # turned ones decode on the CPU
     device = DeviceJpegDecoder(transform, torch.device("cpu"))(planned(rows))
-    order = {k: i for i, k in enumerate(device["keys"])}
-    assert torch.equal(device["pixel_values"][[order[k] for k in cpu["keys"]]], cpu["pixel_values"])
+    order = {k: i for i, k in enumerate(device.keys)}
+    assert torch.equal(device.pixel_values[[order[k] for k in cpu.keys]], cpu.pixel_values)
     # The crop box is drawn on the upright image, as the PIL reference draws it (a transposed one is 48 x 80).
     upright = PIL.Image.fromarray(reference(rows[5]["img"]["bytes"]))
     assert upright.size == open_image(rows[5]["img"]).size == (48, 80)

@@ -65,7 +65,7 @@ def test_batches_follow_the_example_stream_sharding_rule(cifar_small, world):
         for rank in range(world):
             data = _device_data(cifar_small, rank=rank, world=world)
             data.set_epoch(epoch)
-            blocks = [data.keys_of(batch["indices"]) for batch in data]
+            blocks = [batch.keys for batch in data]
             assert blocks == _stream_blocks(cifar_small, rank, world, epoch)
             assert len(blocks) == data.num_micro_batches == n // (world * BLOCK)  # equal steps per rank
             seen += [k for block in blocks for k in block]
@@ -77,11 +77,12 @@ def test_labels_and_pixels_are_the_decoded_examples(cifar_small):
     data = _device_data(cifar_small, padding=0)
     rows = cifar_small.train[:]
     batch = next(iter(data))
-    for j, i in enumerate(batch["indices"].tolist()[:6]):
+    position = {key: i for i, key in enumerate(data.keys)}
+    for j, i in enumerate([position[key] for key in batch.keys[:6]]):
         image = rows[cifar_small.image_column][i]
         reference = torch.from_numpy(np.array(to_rgb(PIL.Image.open(io.BytesIO(image["bytes"]))))).permute(2, 0, 1)
         assert torch.equal(data.images[i], reference)  # the fast JPEG path is bit-identical to the loader's PIL decode
-        assert batch["labels"][j] == rows[cifar_small.label_column][i]
+        assert batch.labels[j] == rows[cifar_small.label_column][i]
 
 
 @pytest.mark.parametrize("size", [32, 48])
@@ -92,11 +93,11 @@ def test_pad_crop_flip_and_resize_match_the_per_example_definition(cifar_small, 
     offsets, flips = data.epoch_params()
     assert offsets.min() >= 0 and offsets.max() <= 2 * padding and 0.3 < flips.float().mean() < 0.7
     for r, batch in enumerate(data):
-        pixels = batch["pixel_values"]
+        pixels = batch.pixel_values
         assert pixels.dtype == torch.uint8 and pixels.shape == (BLOCK, 3, size, size)
         if r > 1:
             continue
-        for j, i in enumerate(batch["indices"].tolist()):
+        for j, i in enumerate([data.keys.index(key) for key in batch.keys]):
             position = r * BLOCK + j
             image = data.images[i]
             if image.shape[-1] != size:
@@ -113,18 +114,18 @@ def test_pad_crop_flip_and_resize_match_the_per_example_definition(cifar_small, 
 def test_augmentation_is_deterministic_given_seed_and_epoch(cifar_small, augmentation):
     data = _device_data(cifar_small, augmentation=augmentation)
     data.set_epoch(2)
-    first = [b["pixel_values"] for b in data]
-    again = [b["pixel_values"] for b in data]
+    first = [b.pixel_values for b in data]
+    again = [b.pixel_values for b in data]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     other_seed = _device_data(cifar_small, augmentation=augmentation, seed=SEED + 1)
     other_seed.set_epoch(2)
-    assert not torch.equal(next(iter(other_seed))["pixel_values"], first[0])
+    assert not torch.equal(next(iter(other_seed)).pixel_values, first[0])
     data.set_epoch(3)
-    assert not torch.equal(next(iter(data))["pixel_values"], first[0])
+    assert not torch.equal(next(iter(data)).pixel_values, first[0])
     if augmentation == "enhanced":
         basic = _device_data(cifar_small)
         basic.set_epoch(2)
-        assert not all(torch.equal(a["pixel_values"], b) for a, b in zip(basic, first))
+        assert not all(torch.equal(a.pixel_values, b) for a, b in zip(basic, first))
     # The global RNG (dropout, MixUp) is untouched by the data path.
     state = torch.random.get_rng_state()
     list(data)
@@ -139,9 +140,9 @@ def test_resume_skips_by_count_and_reproduces_the_epoch(cifar_small):
     resumed = list(data)
     assert len(resumed) == len(full) - 4
     for a, b in zip(full[4:], resumed):
-        assert torch.equal(a["indices"], b["indices"])
-        assert torch.equal(a["pixel_values"], b["pixel_values"])
-        assert torch.equal(a["labels"], b["labels"])
+        assert a.keys == b.keys
+        assert torch.equal(a.pixel_values, b.pixel_values)
+        assert torch.equal(a.labels, b.labels)
 
 
 def _jpeg(array, mode="RGB"):
@@ -172,10 +173,10 @@ def test_bad_images_are_skipped_at_decode_time_and_reported_in_batches(tmp_path)
                            "cpu")
     total, bad_seen = 0, []
     for batch in data:
-        assert len(batch["labels"]) + len(batch["bad_keys"]) == batch["num_examples"] == 4
-        assert len(batch["pixel_values"]) == len(batch["labels"])
-        total += len(batch["labels"])
-        bad_seen += batch["bad_keys"]
+        assert len(batch.labels) + len(batch.bad_keys) == batch.num_examples == 4
+        assert len(batch.pixel_values) == len(batch.labels)
+        total += len(batch.labels)
+        bad_seen += batch.bad_keys
     assert total + len(bad_seen) == 16
     assert {reason.split(" ")[0] for reason in bad_seen} <= {keys[i] for i in bad}  # reported by key
 

@@ -8,7 +8,7 @@ import torch
 from torchvision.transforms import v2
 
 from hf_vit.config import parse_config
-from hf_vit.data import normalize
+from hf_vit.data import Batch, normalize
 from hf_vit.trainer import Run
 from test_hostile import args, saved_dataset
 
@@ -23,11 +23,10 @@ def run(data, tmp_path) -> Run:  # per test: accelerate's state is reset around 
     return Run(parse_config(args(data, tmp_path / "run", "--learning_rate", "1e-3")))
 
 
-def fixed_batch(run: Run, seed: int) -> dict:
+def fixed_batch(run: Run, seed: int) -> Batch:
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (16, 3, 8, 8), generator=g, dtype=torch.uint8)
-    return {"pixel_values": pixels, "labels": torch.randint(0, 4, (16,), generator=g), "bad_keys": [],
-            "num_examples": 16}
+    return Batch(pixels, torch.randint(0, 4, (16,), generator=g), num_examples=16)
 
 
 @pytest.mark.parametrize("mixup", [False, True])
@@ -35,7 +34,7 @@ def test_train_accuracy_is_the_hand_count_of_the_training_forward(run, mixup):
     run.mixer = v2.MixUp(alpha=1.0, num_classes=4) if mixup else None
     batch = fixed_batch(run, seed=7)
     torch.manual_seed(123)  # MixUp's draws, replayed for the hand count
-    pixels, targets = normalize(batch["pixel_values"], run.mean, run.std), batch["labels"]
+    pixels, targets = normalize(batch.pixel_values, run.mean, run.std), batch.labels
     if mixup:
         pixels, targets = run.mixer(pixels, targets)
         assert targets.ndim == 2  # soft targets: the hit counts against the dominant label

@@ -19,6 +19,7 @@ One module per job:
 docs/architecture.md draws the path a batch takes in each mode; docs/data.md explains the design.
 """
 
+from .batch import Batch, JpegPlanBatch
 from .decoding import open_image, to_rgb
 from .factory import EvalData, TrainData, build_eval_data, build_train_data, train_topology
 from .keys import augmentation_seed, epoch_order, example_key, in_subset, in_validation
@@ -27,7 +28,7 @@ from .transforms import (ImageSpec, batch_mixer, build_image_processor, eval_tra
                          train_transform)
 
 __all__ = [
-    "DataSplits", "EvalData", "ImageSpec", "TrainData", "augmentation_seed", "batch_mixer", "build_eval_data",
+    "Batch", "DataSplits", "EvalData", "ImageSpec", "JpegPlanBatch", "TrainData", "augmentation_seed", "batch_mixer", "build_eval_data",
     "build_image_processor", "build_train_data", "describe", "image_processor_for", "epoch_order", "eval_transform", "example_key",
     "in_subset", "in_validation", "load_splits", "normalize", "open_dataset", "open_image", "train_topology",
     "to_rgb", "train_transform",

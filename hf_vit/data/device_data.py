@@ -41,6 +41,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..config import DataArguments
 from ..errors import UserError
+from .batch import Batch
 from .decoding import open_image, to_rgb
 from .keys import epoch_generator, epoch_order, example_key, position_seed
 from .loader import DecodeCollate
@@ -108,10 +109,10 @@ def decode_split(ds: datasets.Dataset, image_column: str, label_column: str, num
                 continue
             # Everything else through the loader's own collate: identical decoding and bad-data rules.
             batch = collate([{image_column: image, label_column: label}])
-            if batch["bad_keys"]:
-                out.append((None, 0, example_key(image) if isinstance(image, dict) else "?", batch["bad_keys"][0]))
+            if batch.bad_keys:
+                out.append((None, 0, example_key(image) if isinstance(image, dict) else "?", batch.bad_keys[0]))
             else:
-                out.append((batch["pixel_values"][0], int(batch["labels"][0]), batch["keys"][0], None))
+                out.append((batch.pixel_values[0], int(batch.labels[0]), batch.keys[0], None))
         return out
 
     threads = threads or min(8, os.cpu_count() or 1)
@@ -137,9 +138,7 @@ def decode_split(ds: datasets.Dataset, image_column: str, label_column: str, num
 class DeviceTrainData:
     """The train split on the device, iterated as this rank's micro-batches of one epoch: the
     :class:`hf_vit.data.factory.TrainData` contract (``num_micro_batches``, ``layout``, ``set_epoch(epoch,
-    skip_micro_batches)`` before each ``iter()``), with batches that also carry ``indices``, the dataset positions
-    of the batch (on the CPU).
-    """
+    skip_micro_batches)`` before each ``iter()``, :class:`~hf_vit.data.batch.Batch` items)."""
 
     def __init__(self, ds, image_column: str, label_column: str, num_classes: int, spec: ImageSpec,
                  args: DataArguments, topology: Topology, rank: int, seed: int,
@@ -225,8 +224,7 @@ class DeviceTrainData:
                 indices, index_device = indices[keep], index_device[keep_device]
                 pos_offsets, pos_flips = pos_offsets[keep_device], pos_flips[keep_device]
             pixels = self.augment(self.images[index_device], pos_offsets, pos_flips, start)
-            yield {"pixel_values": pixels, "labels": self.labels[index_device], "indices": indices,
-                   "bad_keys": bad_keys, "num_examples": self.topology.micro_batch}
+            yield Batch(pixels, self.labels[index_device], self.keys_of(indices), bad_keys, self.topology.micro_batch)
 
     # ------------------------------------------------------------------------------------------- augmentation
     def augment(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, start: int) -> torch.Tensor:
@@ -252,6 +250,6 @@ class DeviceTrainData:
         return images
 
     def keys_of(self, indices: torch.Tensor) -> list[str]:
-        """Example keys (``data.example_key``) of dataset positions, e.g. a batch's ``indices``."""
+        """Example keys (``data.example_key``) of dataset positions."""
         return [self.keys[i] for i in indices.tolist()]
 

@@ -27,6 +27,7 @@ from torchvision import transforms as tv_transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from .batch import Batch, JpegPlanBatch
 from .decoding import encoded_jpeg, open_image
 from .keys import augmentation_seed, example_key
 from .loader import DecodeCollate
@@ -60,13 +61,9 @@ class JpegPlan(NamedTuple):
 
 
 class JpegPlanCollate(DecodeCollate):
-    """Loader ``collate_fn`` for ``decode_on_device``: plain JPEGs leave the worker undecoded, with their plan.
-
-    Returns :class:`DecodeCollate`'s batch for the examples it decodes itself, plus, for the n plain JPEGs, after them:
-    ``jpeg_data`` (n uint8 1-D tensors of file bytes), ``jpeg_boxes`` (n, 4) top/left/height/width in full-size
-    pixels, ``jpeg_flips`` (n,) bool and ``jpeg_seeds`` (n,) int64 per-example augmentation seeds. ``labels`` and
-    ``keys`` list the decoded examples first, then the JPEGs.
-    """
+    """Loader ``collate_fn`` for ``decode_on_device``: plain JPEGs leave the worker undecoded, with their plan
+    (a :class:`~hf_vit.data.batch.JpegPlanBatch`: boxes are top/left/height/width in full-size pixels, seeds the
+    per-example augmentation seeds)."""
 
     def __init__(self, transform, image_column: str, label_column: str, num_classes: int, seed: int):
         super().__init__(transform, image_column, label_column, num_classes, seed, train=True)
@@ -95,23 +92,22 @@ class JpegPlanCollate(DecodeCollate):
             box, flip = _draws(img, self.crop, self.flip)
         return JpegPlan(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, seed, label, key)
 
-    def __call__(self, examples: list[dict | None]) -> dict:
+    def __call__(self, examples: list[dict]) -> JpegPlanBatch:
         plans, rest = [], []
         for example in examples:
-            planned = self.plan(example) if example is not None else None
+            planned = self.plan(example)
             if planned is None:
                 rest.append(example)
             else:
                 plans.append(planned)
         batch = super().__call__(rest)
-        batch["num_examples"] += len(plans)
-        batch["labels"] = torch.cat([batch["labels"], torch.tensor([p.label for p in plans], dtype=torch.long)])
-        batch["keys"] += [p.key for p in plans]
-        batch["jpeg_data"] = [p.data for p in plans]
-        batch["jpeg_boxes"] = torch.tensor([p.box for p in plans], dtype=torch.long).view(-1, 4)
-        batch["jpeg_flips"] = torch.tensor([p.flip for p in plans], dtype=torch.bool)
-        batch["jpeg_seeds"] = torch.tensor([p.seed for p in plans], dtype=torch.long)
-        return batch
+        return JpegPlanBatch(
+            batch.pixel_values, torch.cat([batch.labels, torch.tensor([p.label for p in plans], dtype=torch.long)]),
+            batch.keys + [p.key for p in plans], batch.bad_keys, batch.num_examples + len(plans),
+            jpeg_data=[p.data for p in plans],
+            jpeg_boxes=torch.tensor([p.box for p in plans], dtype=torch.long).view(-1, 4),
+            jpeg_flips=torch.tensor([p.flip for p in plans], dtype=torch.bool),
+            jpeg_seeds=torch.tensor([p.seed for p in plans], dtype=torch.long))
 
 
 class DeviceJpegDecoder:
@@ -156,22 +152,20 @@ class DeviceJpegDecoder:
                 out = self.after_flip(out)
         return out
 
-    def __call__(self, batch: dict) -> dict:
-        pixels = batch["pixel_values"].to(self.device, non_blocking=True)
-        data = batch.get("jpeg_data") or []
-        if not data:
-            return {**batch, "pixel_values": pixels}
-        n_cpu = len(pixels)
-        decoded = self._decode(data)
-        keep, images, bad = list(range(n_cpu)), [], list(batch["bad_keys"])
+    def __call__(self, batch: JpegPlanBatch) -> Batch:
+        pixels = batch.pixel_values.to(self.device, non_blocking=True)
+        n_cpu, done = len(pixels), Batch(pixels, batch.labels, batch.keys, batch.bad_keys, batch.num_examples)
+        if not batch.jpeg_data:
+            return done
+        decoded = self._decode(batch.jpeg_data)
+        keep, images, bad = list(range(n_cpu)), [], list(batch.bad_keys)
         for i, image in enumerate(decoded):
-            box = batch["jpeg_boxes"][i].tolist()
+            box = batch.jpeg_boxes[i].tolist()
             if image is None or box[0] + box[2] > image.shape[1] or box[1] + box[3] > image.shape[2]:
-                bad.append(f"{batch['keys'][n_cpu + i]} (the device's JPEG decoder could not decode it)")
+                bad.append(f"{batch.keys[n_cpu + i]} (the device's JPEG decoder could not decode it)")
                 continue
-            images.append(self._finish(image, box, bool(batch["jpeg_flips"][i]), int(batch["jpeg_seeds"][i])))
+            images.append(self._finish(image, box, bool(batch.jpeg_flips[i]), int(batch.jpeg_seeds[i])))
             keep.append(n_cpu + i)
         if images:
             pixels = torch.cat([pixels, torch.stack(images)])
-        return {**batch, "pixel_values": pixels, "labels": batch["labels"][keep],
-                "keys": [batch["keys"][k] for k in keep], "bad_keys": bad}
+        return Batch(pixels, batch.labels[keep], [batch.keys[k] for k in keep], bad, batch.num_examples)

@@ -6,9 +6,8 @@ The contract (:class:`TrainData`) is all the training loop knows of its data:
 * ``layout``: what a saved position refers to (processes, loader workers, micro-batch size) — a checkpoint written
   mid-epoch resumes exactly only under the same layout;
 * ``set_epoch(epoch, skip_micro_batches)``: restart the epoch's order and skip what it already consumed;
-* ``iter()``: the epoch's remaining micro-batches, ready for the device — ``pixel_values`` uint8 (B, 3, S, S) and
-  ``labels`` (B,) on the device, ``bad_keys`` (the examples dropped as unusable, ``"key (reason)"``) and
-  ``num_examples`` (examples in, good or bad). B may be 0.
+* ``iter()``: the epoch's remaining micro-batches, each a :class:`~hf_vit.data.batch.Batch` with its tensors on the
+  device (the same fields on every path).
 
 Three paths serve it: loader workers decoding per example (:class:`LoaderTrainData` over
 :class:`~hf_vit.data.loader.ExampleStream` and :class:`~hf_vit.data.loader.DecodeCollate`), the same with JPEGs
@@ -24,6 +23,7 @@ from typing import Iterator, Protocol
 import torch
 
 from ..config import DataArguments
+from .batch import Batch
 from .device_data import DeviceTrainData
 from .device_jpeg import DeviceJpegDecoder, JpegPlanCollate
 from .loader import DecodeCollate, ExampleStream, TrainStream, build_loader
@@ -40,13 +40,7 @@ class TrainData(Protocol):
 
     def set_epoch(self, epoch: int, skip_micro_batches: int = 0) -> None: ...
 
-    def __iter__(self) -> Iterator[dict]: ...
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A collated batch with its tensors (``pixel_values``, ``labels``) on ``device``; a pinned copy runs async."""
-    return {**batch, "pixel_values": batch["pixel_values"].to(device, non_blocking=True),
-            "labels": batch["labels"].to(device, non_blocking=True)}
+    def __iter__(self) -> Iterator[Batch]: ...
 
 
 class LoaderTrainData:
@@ -66,13 +60,13 @@ class LoaderTrainData:
         self.stream.set_epoch(epoch, skip_micro_batches)
         self.collate.epoch = epoch  # the workers seed each example's augmentation from (seed, epoch, key)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         # Creating the iterator draws the workers' base seed from the global torch RNG; fork it so that a run resumed
         # mid-epoch (one extra draw) keeps the RNG stream dropout and MixUp see bit for bit.
         with torch.random.fork_rng(devices=[]):
             batches = iter(self.loader)
         for batch in batches:
-            yield to_device(self.finish(batch) if self.finish is not None else batch, self.device)
+            yield (self.finish(batch) if self.finish is not None else batch).to(self.device)
 
 
 class EvalData:
@@ -82,9 +76,9 @@ class EvalData:
         self.stream, self.device = stream, device
         self.loader = build_loader(stream, collate, num_workers, pin_memory=device.type == "cuda")
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
-            yield to_device(batch, self.device)
+            yield batch.to(self.device)
 
 
 def train_topology(args: DataArguments, per_device_batch: int, processes: int, accumulation: int) -> Topology:

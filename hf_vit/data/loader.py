@@ -22,6 +22,7 @@ import signal
 import datasets
 import torch
 
+from .batch import Batch
 from .decoding import open_image
 from .keys import augmentation_seed, epoch_order, example_key
 from .sharding import Segment, StreamPlan, Topology, map_positions, unit_permutation, worker_micro_batches
@@ -32,11 +33,10 @@ logger = logging.getLogger(__name__)
 class DecodeCollate:
     """Loader ``collate_fn``: decode, check and transform raw examples into a uint8 batch.
 
-    Runs in the loader workers. Returns ``pixel_values`` uint8 (B, 3, S, S) (channels-last memory: each image is
-    copied once, with no transposition), ``labels`` (B,), ``keys`` of the B examples, ``bad_keys`` and
-    ``num_examples`` (real examples in, good or bad). Bad examples (undecodable or truncated bytes, zero-size images,
-    labels outside the class range, a missing image) are dropped from the batch and reported as ``"key (error)"`` in
-    ``bad_keys``; B may be 0.
+    Runs in the loader workers. Returns a :class:`~hf_vit.data.batch.Batch` whose ``pixel_values`` are uint8
+    (B, 3, S, S) in channels-last memory (each image is copied once, with no transposition). Bad examples
+    (undecodable or truncated bytes, zero-size images, labels outside the class range, a missing image) are dropped
+    from the batch and reported as ``"key (error)"`` in ``bad_keys``; B may be 0.
     Augmentation randomness is seeded from (seed, epoch, example key), so it does not depend on which worker or
     process sees the example.
     """
@@ -79,7 +79,7 @@ class DecodeCollate:
             raise ValueError(f"transform produced {tuple(pixels.shape)}")
         return pixels, label, key
 
-    def __call__(self, examples: list[dict | None]) -> dict:
+    def __call__(self, examples: list[dict]) -> Batch:
         pixels, labels, keys, bad = [], [], [], []
         real = list(examples)
         for example in real:
@@ -99,13 +99,7 @@ class DecodeCollate:
             batch = torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
         else:
             batch = torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return {
-            "pixel_values": batch,
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "keys": keys,
-            "bad_keys": bad,
-            "num_examples": len(real),
-        }
+        return Batch(batch, torch.tensor(labels, dtype=torch.long), keys, bad, len(real))
 
 
 class _SharedCounters:
