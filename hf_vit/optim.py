@@ -1,4 +1,5 @@
-"""Optimisation stage: AdamW parameter groups, the warmup + cosine LR schedule, the loss, and the weight EMA."""
+"""Optimisation stage: AdamW parameter groups, a step skipped on the device, the warmup + cosine LR schedule, the
+loss, and the weight EMA."""
 
 from __future__ import annotations
 
