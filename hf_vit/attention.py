@@ -46,7 +46,7 @@ from transformers import AutoImageProcessor, ViTForImageClassification
 from safetensors import SafetensorError
 
 from hf_vit import durable
-from hf_vit.config import CONFIG_FILE_NAME, DataArguments, TrainingArguments
+from hf_vit.config import CONFIG_FILE_NAME, DataArguments, TrainingArguments, check_fields
 from hf_vit.data import example_key, load_splits, to_rgb
 from hf_vit.data.decoding import open_image
 from hf_vit.errors import UserError, raise_user_errors, run_cli
@@ -308,6 +308,7 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
 
     model, processor = load_run_model(run_dir)
     data_args, seed = run_data_arguments(run_dir, dataset_name, eval_split)
+    check_fields(data_args)  # the training run's domains, for the values taken from its config or given here
     check_outside_dataset(output, data_args.dataset_name, "--output")
     try:
         data = first_eval_images(data_args, seed, images)

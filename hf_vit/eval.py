@@ -22,6 +22,7 @@ inside a checkpoint or inside a run in progress, or lies inside the dataset. The
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,7 +37,8 @@ from safetensors import SafetensorError
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, PreTrainedModel
 
 from . import durable
-from .config import DataArguments
+from .config import DataArguments, check_value
+from .config.checks import DOMAINS
 from .data import ImageSpec, build_eval_data, load_splits, open_dataset
 from .errors import UserError, raise_user_errors, run_cli
 from .models import checkpoint_config, is_vit
@@ -147,8 +149,11 @@ def _load_model(path: str, config) -> tuple[PreTrainedModel, object]:
 
 def evaluate(args: EvalArguments) -> dict:
     """Evaluate ``args.model_name_or_path`` on the chosen split; returns (and writes) the eval results."""
-    if args.per_device_eval_batch_size < 1 or args.dataloader_num_workers < 0 or args.train_val_split < 0:
-        raise UserError("per_device_eval_batch_size must be >= 1, dataloader_num_workers and train_val_split >= 0")
+    # The fields shared with training have their domains there (hf_vit.config.checks): one rule for both commands.
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if f.name in DOMAINS and value is not None:
+            check_value(f.name, value)
     output_dir = Path(args.output_dir or default_output_dir(args.model_name_or_path))
     # Where the results go is checked before anything runs: a bad place must not cost a whole evaluation.
     check_analysis_output(output_dir, "--output_dir")

@@ -400,6 +400,11 @@ def main(argv: list[str] | None = None) -> str:
         check_analysis_output(args.output_dir, "--output_dir")
 
     runs = [load_run(run_dir) for run_dir in args.run_dirs]
+    if args.output_dir:  # never into the data a run read: its files would become part of that dataset
+        from hf_vit.run_dir import check_outside_dataset
+
+        for run in runs:
+            check_outside_dataset(args.output_dir, str(run["config"].get("dataset_name") or ""), "--output_dir")
     names = _run_names(args.run_dirs)
     table = comparison_table(runs, names)
     print(table)

@@ -1,6 +1,10 @@
 """Datasets and splits: open a Hub or local image-classification dataset, find its columns, carve the validation
 split and the ``train_fraction`` subset by example key, and settle the number of training examples per epoch.
 
+A row whose image is missing (None) has the key :data:`~hf_vit.data.keys.MISSING_IMAGE_KEY`: it is never carved into
+validation and always kept by the subset, so it stays in train, where the collate skips and counts it (the README's
+"skipped and counted", on every path).
+
 Membership is decided by keys, not positions: the ``train_val_split`` carve-out and the ``train_fraction`` subset hash
 each example's key (:func:`~hf_vit.data.keys.example_key`) with a seed, so the same examples are chosen in map-style
 and streaming mode, with any number of processes or workers, on any machine. Images are left undecoded here (the
@@ -62,7 +66,8 @@ def open_dataset(args: DataArguments) -> datasets.DatasetDict | datasets.Iterabl
                     {k: v.to_iterable_dataset(num_shards=max(1, min(64, len(v) // 1000))) for k, v in loaded.items()})
             return loaded
         return datasets.load_dataset(name, args.dataset_config_name, streaming=args.streaming)
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+    except (FileNotFoundError, ConnectionError, OSError, ValueError, datasets.exceptions.DatasetsError) as err:
+        # DatasetsError: a folder whose files are no dataset (a run's checkpoint: JSON and pickles) fails to build.
         where = "local folder" if os.path.exists(name) else "Hub (unreachable offline: pass a local path instead)"
         raise UserError(
             f"cannot load dataset {args.dataset_name!r} from the {where}: {str(err).splitlines()[0]}") from None

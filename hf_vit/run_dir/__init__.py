@@ -156,6 +156,8 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming:
 
 
 def _real(path: str | os.PathLike) -> Path:
+    if "\0" in str(path):  # no file system takes one (os calls raise ValueError)
+        raise UserError(f"path {str(path)!r} contains a NUL character; pass a real path")
     return Path(os.path.realpath(os.path.abspath(os.path.expanduser(str(path)))))
 
 
@@ -206,10 +208,10 @@ def _locked_by_a_run(folder: Path) -> dict | None:
 
 
 def check_analysis_output(output: str | os.PathLike, what: str = "--output_dir") -> None:
-    """Refuse (one line, before anything runs) an output path of another command (eval, attention) that would write
-    into a run: an existing file where a folder goes, a path inside a ``checkpoint-<N>`` folder (the checkpoint would
-    no longer match its manifest), a run folder itself (its own results would be overwritten), or any folder inside
-    a run that is in use (its final commit would fail)."""
+    """Refuse (one line, before anything runs) an output path of another command (eval, attention, report) that
+    would write into a run: an existing file where a folder goes, a path inside a ``checkpoint-<N>`` folder (the
+    checkpoint would no longer match its manifest), or a path in or under an hf_vit run folder (a run folder is
+    written only by its run: its results would be overwritten, or, while it trains, its final commit would fail)."""
     target = _real(output)
     if what == "--output_dir" and target.exists() and not target.is_dir():
         raise UserError(f"{what} {str(output)!r} is a file, not a folder; pass a folder path")
@@ -221,13 +223,12 @@ def check_analysis_output(output: str | os.PathLike, what: str = "--output_dir")
                             "it was saved; write elsewhere (the default is a sibling of the run folder)")
         if folder.is_dir() and _is_run_folder(folder):
             holder = _locked_by_a_run(folder)
-            if folder == target or (what != "--output_dir" and folder == target.parent):
-                raise UserError(f"{what} {str(output)!r} would write into the run folder {str(folder)!r}, which only "
-                                "its training run writes; choose another folder (the default is "
-                                f"{str(folder.with_name(folder.name + '-eval'))!r})")
             if holder is not None:
                 raise UserError(f"{what} {str(output)!r} lies inside {str(folder)!r}, which a training run is using "
                                 f"({_describe(holder)}); choose a folder outside it")
+            raise UserError(f"{what} {str(output)!r} would write into the run folder {str(folder)!r}, which only its "
+                            "training run writes; choose a folder outside it (the default is "
+                            f"{str(folder.with_name(folder.name + '-eval'))!r})")
 
 
 # -------------------------------------------------------------------------------------------------------- lock
