@@ -197,3 +197,15 @@ def test_device_data_follows_the_same_positions_as_the_loader():
     order = epoch_order(101, 7, 3)  # DeviceTrainData.epoch_order, and positions by the same map_positions
     expected = [[f"c/{int(p)}.png" for p in order[rule(i, 1, topology)]] for i in range(len(stream_batches))]
     assert stream_batches == expected
+
+
+def test_a_filtered_stream_moves_a_boundary_near_a_unit_edge_onto_it():
+    """Two files of 200 rows, 380 examples after the validation filter, 2 workers x 16: the workers' quotas (12 and 11
+    micro-batches) put the boundary 2 raw rows into the second file. Filtered ranges are approximate anyway, so the
+    boundary moves to the edge and each file is read once; an unfiltered stream keeps its exact boundary."""
+    topology = Topology(1, 2, 16, 1)
+    filtered = StreamPlan([200, 200], 380, topology)
+    assert filtered.bounds[1] == 202 and filtered.read_amplification(0, 0) == 1.0
+    assert [s.unit for s in filtered.consumer_segments(0, 0, 0)] == [filtered.consumer_segments(0, 0, 0)[0].unit]
+    exact = StreamPlan([200, 200], 400, Topology(1, 3, 16, 1))
+    assert exact.snap == 0 and exact.read_amplification(0, 0) > 1.0

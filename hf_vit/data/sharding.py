@@ -111,11 +111,14 @@ class StreamPlan:
     """The line of a stream's units for one epoch and each consumer's range of it (see the module docstring).
 
     ``unit_rows``: raw rows per unit (from the parquet footers, or equal estimates); ``num_examples``: the epoch's
-    examples after the validation/subset filters (equal to the raw total when nothing is filtered).
+    examples after the validation/subset filters (equal to the raw total when nothing is filtered). A filtered stream
+    fills each range only approximately anyway, so there a boundary within one micro-batch of a unit's edge moves to
+    the edge (``snap``) rather than cutting the unit: a few rows more or less for one consumer, one read fewer.
     """
 
     def __init__(self, unit_rows: list[int], num_examples: int, topology: Topology):
         self.unit_rows, self.num_examples, self.topology = list(unit_rows), num_examples, topology
+        self.snap = topology.micro_batch if sum(self.unit_rows) != num_examples else 0
         self.raw_total = sum(self.unit_rows)
         quotas = [topology.role_micro_batches(num_examples, consumer % topology.workers_per_rank)
                   * topology.micro_batch for consumer in range(topology.consumers)]
@@ -130,6 +133,11 @@ class StreamPlan:
         """The segments of units that ``consumer`` reads this epoch, in order."""
         order = epoch_order(len(self.unit_rows), seed, epoch).tolist()
         lo, hi = self.bounds[consumer], self.bounds[consumer + 1]
+        if self.snap:
+            edges = [0]
+            for unit in order:
+                edges.append(edges[-1] + self.unit_rows[unit])
+            lo, hi = (self._snapped(lo, edges), self._snapped(hi, edges))
         segments, position = [], 0
         for unit in order:
             size = self.unit_rows[unit]
@@ -140,6 +148,12 @@ class StreamPlan:
             if position >= hi:
                 break
         return segments
+
+    def _snapped(self, bound: int, edges: list[int]) -> int:
+        """``bound`` moved to the nearest unit edge when that is within ``snap`` rows (the same for both consumers
+        that share the boundary)."""
+        nearest = min(edges, key=lambda edge: (abs(edge - bound), edge))
+        return nearest if abs(nearest - bound) <= self.snap else bound
 
     def reads_per_epoch(self, seed: int = 0, epoch: int = 0) -> tuple[int, int]:
         """(raw rows read by all consumers, raw rows in the stream): a cut unit is read whole by each of its
