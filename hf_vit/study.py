@@ -3,6 +3,8 @@
     python -m hf_vit.study studies/cifar10_cpu_findings.yaml --output_dir outputs/cpu_study \\
         [--set dataset_name=../shared/datasets/cifar10] [--set RUN.learning_rate=3e-4] [--dry_run]
     accelerate launch -m hf_vit.study studies/report_scale.yaml --output_dir /data/report_scale
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m hf_vit.study studies/report_scale.yaml \\
+        --output_dir /tmp/rehearsal --rehearse
 
 A study file (YAML; the full format is in docs/studies.md) lists ``runs`` — each a ``recipe`` plus flags, optionally a
 ``grid`` that expands one entry into several runs — study-wide ``defaults`` (flags for every run, above the recipe and
@@ -16,6 +18,10 @@ from its newest checkpoint (``--resume_from_checkpoint latest``) or, without one
 (``--overwrite_output_dir true``). So a killed study restarted with the same command finishes the rest; a finished
 run made with other settings than the study now gives is an error instead of a silent mix. Then the main process
 writes ``DIR/findings.md`` and its plots (:mod:`hf_vit.findings`).
+
+``--rehearse`` runs the same study through the same code with tiny models, a few steps per run and generated
+stand-ins for the data this machine cannot reach (:mod:`hf_vit.rehearsal`; docs/rehearsal.md): a run that fails is
+reported and the rehearsal goes on with the runs that do not start from it, so one rehearsal lists every failure.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import os
 import shlex
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -194,16 +201,26 @@ def command_line(run: StudyRun, extra: list[str] | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- the study loop
-def run_study(study: Study, dry_run: bool = False) -> Path | None:
+def run_study(study: Study, dry_run: bool = False, rehearse: bool = False) -> Path | None:
     """Build the derived datasets, train every run that is not done, then write the findings (main process).
 
     Under ``accelerate launch`` every process runs this loop and takes the same decisions (each made after a
-    barrier, from the same files). ``dry_run`` prints what would happen, with each run's command, and trains nothing.
+    barrier, from the same files). ``dry_run`` prints what would happen, with each run's command and its run plan,
+    and trains nothing. ``rehearse`` turns the study into its rehearsal first (:func:`hf_vit.rehearsal.rehearse_study`).
     Returns the findings path, or None (a dry run, or a run preempted by SIGTERM/SIGINT: restart the same command).
     """
+    rehearsal = None
+    if rehearse:
+        from hf_vit.rehearsal import rehearse_study
+
+        rehearsal = rehearse_study(study)
     for run in study.runs:
         check_run(study, run)
     if dry_run:
+        if rehearsal is not None:
+            from hf_vit.rehearsal import describe
+
+            print(describe(study, rehearsal, int(os.environ.get("WORLD_SIZE", "1"))))
         print(f"study {study.path}: {len(study.datasets)} derived datasets, {len(study.runs)} runs -> "
               f"{study.output_dir}")
         for dataset in study.datasets:
@@ -213,61 +230,155 @@ def run_study(study: Study, dry_run: bool = False) -> Path | None:
             status = run_status(run)
             print(f"run {index}/{len(study.runs)} {run.name} ({status}): "
                   f"{command_line(run, STATUS_FLAGS.get(status))}")
+        print_plan_table(study, rehearse)
         return None
 
     with process_group_kept():
         state = fresh_accelerate_state()
-        finished = _build_and_train(study, state)
+        finished, failed = _build_and_train(study, state, rehearsal)
     if not finished or not state.is_main_process:
+        if failed:
+            raise UserError(f"the rehearsal found {len(failed)} run(s) that fail: {', '.join(failed)} (above)")
         return None
     from hf_vit.findings import write_findings
 
-    path = write_findings([(run.name, run.output_dir) for run in study.runs], study.output_dir,
-                          title=Path(study.path).stem, description=study.description, study_path=study.path,
-                          commands={run.name: command_line(run) for run in study.runs})
+    title, description = Path(study.path).stem, study.description
+    if rehearsal is not None:
+        title = f"REHEARSAL of {title} (its accuracies mean nothing)"
+        description = ("A REHEARSAL (python -m hf_vit.study --rehearse): tiny models, a few steps per run, generated "
+                       "stand-ins for unreachable data. Its accuracies and verdicts mean nothing; it shows that every "
+                       "run below trained, evaluated, checkpointed and wrote its results through the production "
+                       f"code. The study: {description}")
+    done = [run for run in study.runs if run_status(run) == "done"]
+    path = write_findings([(run.name, run.output_dir) for run in done], study.output_dir,
+                          title=title, description=description, study_path=study.path,
+                          commands={run.name: command_line(run) for run in done})
     print(f"[study] findings: {path}", flush=True)
+    if failed:
+        raise UserError(f"the rehearsal found {len(failed)} run(s) that fail: {', '.join(failed)} (see above); "
+                        f"findings of the others: {path}")
     return path
 
 
-def _build_and_train(study: Study, state) -> bool:
-    """The derived datasets, then every run that is not done; False when a run was preempted."""
+def print_plan_table(study: Study, rehearse: bool) -> None:
+    """Every run's plan as one table (hf_vit.plan); a study whose data cannot be opened here, nor is recorded
+    (hf_vit.rehearsal.RECORDED), says so in one line instead (the dry run still lists every run)."""
+    try:
+        from hf_vit.plan import plan_study_table
+    except ImportError:
+        print("(no run plans: this checkout has no hf_vit.plan.plan_study_table)")
+        return
+    try:
+        table = plan_study_table(study, rehearse=rehearse)
+    except UserError as err:
+        print(f"(no run plans: {err})")
+        return
+    print(table)
+
+
+def _main_process_builds(state, build) -> None:
+    """``build()`` on the main process while the others wait; the main process reaches the barrier even when the
+    build fails."""
+    if not state.is_main_process:
+        state.wait_for_everyone()
+    try:
+        if state.is_main_process:
+            build()
+    finally:
+        if state.is_main_process:
+            state.wait_for_everyone()
+
+
+def _build_and_train(study: Study, state, rehearsal=None) -> tuple[bool, list[str]]:
+    """The derived datasets, then every run that is not done; (False when a run was preempted, the runs that failed
+    in a rehearsal)."""
     from hf_vit.trainer import train
 
     def say(message: str) -> None:
         if state.is_main_process:
             print(f"[study] {message}", flush=True)
 
+    if rehearsal is not None:
+        from hf_vit.rehearsal import describe
+
+        if state.is_main_process:
+            print(describe(study, rehearsal, state.num_processes), flush=True)
+        _main_process_builds(state, lambda: rehearsal.build_stand_ins(say))
     for dataset in study.datasets:
-        # The main process builds, the others wait; it reaches the barrier even when the build fails.
-        if not state.is_main_process:
-            state.wait_for_everyone()
-        try:
-            if state.is_main_process:
-                built = build_dataset(dataset)
-                say(f"dataset {dataset.name}: {'built' if built else 'already built'} at {dataset.path}")
-        finally:
-            if state.is_main_process:
-                state.wait_for_everyone()
+        def build(dataset=dataset):
+            built = build_dataset(dataset)
+            say(f"dataset {dataset.name}: {'built' if built else 'already built'} at {dataset.path}")
+
+        _main_process_builds(state, build)
         if not dataset.path.is_dir():
             raise UserError(f"dataset {dataset.name} was not built at {dataset.path}; see the main process's error")
+    failed: dict[str, Path] = {}
+    lines = []
     for index, run in enumerate(study.runs, 1):
         state.wait_for_everyone()  # a run's files are whole before any process looks at them
+        heading = f"run {index}/{len(study.runs)} {run.name}"
+        broken = [name for name, folder in failed.items() if str(folder) in run.flags.values()]
+        if broken:
+            say(f"{heading}: not rehearsed, it starts from {broken[0]}, which failed")
+            lines.append(f"{run.name}: NOT RUN (starts from {broken[0]}, which failed)")
+            continue
         status = run_status(run)
-        say(f"run {index}/{len(study.runs)} {run.name}: "
+        say(f"{heading}: "
             + {"done": "done, skipped", "resume": "resuming from its newest checkpoint",
                "restart": "interrupted before its first checkpoint: starting it again", "new": "training"}[status])
         if status == "done":
             continue
+        start = time.time()
         try:
-            results = train(parse_config(run.argv() + STATUS_FLAGS.get(status, [])))
+            if rehearsal is not None:
+                results, note = _rehearse_run(run, status, rehearsal, state, say)
+            else:
+                results, note = train(parse_config(run.argv() + STATUS_FLAGS.get(status, []))), ""
         except UserError as err:
-            raise UserError(f"run {run.name!r}: {err}") from None
+            if rehearsal is None:
+                raise UserError(f"run {run.name!r}: {err}") from None
+            # Every rank meets the same error (the trainer agrees on errors); the next runs go on.
+            failed[run.name] = run.output_dir
+            say(f"{heading}: FAILED after {time.time() - start:.1f} s: {err}")
+            lines.append(f"{run.name}: FAILED ({time.time() - start:.1f} s): {err}")
+            state = fresh_accelerate_state()
+            gc.collect()
+            continue
         state = fresh_accelerate_state()
         gc.collect()  # the finished run's model, optimizer and data may still sit in reference cycles
         if results.get("preempted"):
             say(f"stopped by a signal during {run.name} (checkpoint saved); run the same command again to go on")
-            return False
-    return True
+            return False, list(failed)
+        if rehearsal is not None:
+            from hf_vit.rehearsal import run_summary, summary_line
+
+            line = f"ok in {time.time() - start:.1f} s: {summary_line(run_summary(run.output_dir))}{note}"
+            lines.append(f"{run.name}: {line}")
+            say(f"{heading}: {line}")
+    if rehearsal is not None and state.is_main_process:
+        print("[rehearsal] runs (their accuracies mean nothing):\n" + "\n".join(f"  {line}" for line in lines),
+              flush=True)
+    return True, list(failed)
+
+
+def _rehearse_run(run: StudyRun, status: str, rehearsal, state, say) -> tuple[dict, str]:
+    """Train one rehearsed run; a run to preempt is stopped by SIGTERM after its first checkpoint and resumed at
+    once. Returns its results and a note on the preemption."""
+    from hf_vit.rehearsal import Preempter
+    from hf_vit.trainer import train
+
+    argv = run.argv() + STATUS_FLAGS.get(status, [])
+    if run.name not in rehearsal.preempt or status != "new":
+        return train(parse_config(argv)), ""
+    with Preempter(run.output_dir) if state.is_main_process else contextlib.nullcontext():
+        results = train(parse_config(argv))
+    if not results.get("preempted"):
+        return results, "; the SIGTERM came after its last step: resume not rehearsed"
+    stopped = results["global_step"]
+    say(f"{run.name}: preempted by SIGTERM at step {stopped}: resuming with --resume_from_checkpoint latest")
+    fresh_accelerate_state()
+    gc.collect()
+    return train(parse_config(run.argv() + STATUS_FLAGS["resume"])), f"; preempted at step {stopped} and resumed"
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -276,11 +387,17 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--output_dir", required=True, help="the study folder: one folder per run, data/, findings.md")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="[RUN.]KEY=VALUE",
                         help="override a study default (KEY=VALUE) or one run's flag (RUN.KEY=VALUE); repeatable")
-    parser.add_argument("--dry_run", action="store_true", help="print each run's status and command; train nothing")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print each run's status, command and run plan; train nothing")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="rehearse the study: every run through the same code with a tiny model, a few steps and "
+                             "generated stand-ins for unreachable data (docs/rehearsal.md); its accuracies mean "
+                             "nothing")
 
     raise_user_errors(parser)  # one `error:` line instead of argparse's usage block
     args = parser.parse_args(argv)
-    return run_study(load_study(args.study, args.output_dir, args.sets), dry_run=args.dry_run)
+    return run_study(load_study(args.study, args.output_dir, args.sets), dry_run=args.dry_run,
+                     rehearse=args.rehearse)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from hf_vit.config import ARG_GROUPS
 from hf_vit.errors import UserError
 
 STUDY_KEYS = ("description", "defaults", "datasets", "runs")
-RUN_KEYS = ("name", "recipe", "grid")
+RUN_KEYS = ("name", "recipe", "grid", "group")
 DATASET_KEYS = ("source", "split", "classes", "splits")
 FLAGS = frozenset(f.name for group in ARG_GROUPS for f in dataclasses.fields(group))
 # The study decides where each run writes and whether it resumes.
@@ -57,6 +57,7 @@ class StudyRun:
     flags: dict[str, str]
     output_dir: Path
     referenced: set[str] = field(default_factory=set)  # flags whose value names another run's or a dataset's folder
+    group: str | None = None  # the entry's ``group``: ``--set GROUP.KEY=VALUE`` reaches every run of it
 
     def argv(self) -> list[str]:
         """The run's arguments, as run_finetune.py takes them."""
@@ -106,7 +107,8 @@ def _flag_string(value: Any, key: str, where: str, path: str) -> str:
 
 
 def _parse_sets(sets: list[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """``--set KEY=VALUE`` (a study default) and ``--set RUN.KEY=VALUE`` (one run, or every run of a grid entry)."""
+    """``--set KEY=VALUE`` (a study default) and ``--set RUN.KEY=VALUE`` (one run, every run of a grid entry, or every
+    run of a group)."""
     defaults, per_run = {}, {}
     for item in sets:
         target, sep, value = item.partition("=")
@@ -151,6 +153,9 @@ def _expand(entry: dict, index: int, path: str) -> list[tuple[str, str | None, d
     if not isinstance(name, str) or not name:
         raise UserError(f"{path}: {where} needs a name")
     where = f"run {name!r}"
+    group = entry.get("group")
+    if group is not None and (not isinstance(group, str) or not NAME.match(group)):
+        raise UserError(f"{path}: {where}: group must be a name of letters, digits, '.', '_' or '-'")
     base_flags = {key: value for key, value in entry.items() if key not in RUN_KEYS}
     for key in base_flags:
         _check_flag(key, where, path)
@@ -266,28 +271,35 @@ def load_study(path: str, output_dir: str, sets: list[str] | None = None) -> Stu
                                        [str(c) for c in classes] if classes else None,
                                        _parse_splits(spec.get("splits"), where, path), out / "data" / name)
 
-    expanded = []
+    expanded = []  # (entry name, group, run name, recipe, flags)
     for index, entry in enumerate(raw["runs"]):
         entry = _mapping(entry, f"runs[{index}]", path)
-        expanded += [(entry["name"], *run) for run in _expand(entry, index, path)]
-    names = [name for _, name, _, _ in expanded]
-    for run_or_entry in set_runs:
-        if run_or_entry not in names and run_or_entry not in {entry for entry, *_ in expanded}:
-            raise UserError(f"--set {run_or_entry}.KEY=...: the study has no run {run_or_entry!r}; runs: {names}")
+        expanded += [(entry["name"], entry.get("group"), *run) for run in _expand(entry, index, path)]
+    names = [name for _, _, name, _, _ in expanded]
+    groups = {group for _, group, *_ in expanded if group}
+    clash = sorted(groups & (set(names) | {entry for entry, *_ in expanded}))
+    if clash:
+        raise UserError(f"{path}: group {clash[0]!r} is also a run's name; give the group another name")
+    for target in set_runs:
+        if target not in names and target not in groups and target not in {entry for entry, *_ in expanded}:
+            raise UserError(f"--set {target}.KEY=...: the study has no run or group {target!r}; runs: {names}"
+                            f"{f', groups: {sorted(groups)}' if groups else ''}")
 
     runs, folders = [], {}
-    for entry_name, name, recipe, flags in expanded:
+    for entry_name, group, name, recipe, flags in expanded:
         where = f"run {name!r}"
         if not NAME.match(name):
             raise UserError(f"{path}: {where}: a run name must be letters, digits, '.', '_' or '-' (it is a folder)")
         if name in folders or name == "data":
             raise UserError(f"{path}: {where}: the name is used twice (or is 'data', the derived datasets' folder)")
-        merged = {**defaults, **flags, **set_runs.get(entry_name, {}), **set_runs.get(name, {})}
+        # --set for the run's group, then its grid entry, then the run itself: the narrowest target wins.
+        merged = {**defaults, **flags, **set_runs.get(group, {}), **set_runs.get(entry_name, {}),
+                  **set_runs.get(name, {})}
         if recipe is not None:
             if not isinstance(recipe, str):
                 raise UserError(f"{path}: {where}: recipe must be a path")
             recipe = os.path.normpath(os.path.join(os.path.dirname(path), recipe))
-        run = StudyRun(name, recipe, {}, out / name)
+        run = StudyRun(name, recipe, {}, out / name, group=group)
         for key, value in merged.items():
             value, is_folder = resolve(value, key, where, folders)
             run.flags[key] = _flag_string(value, key, where, path)

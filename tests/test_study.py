@@ -524,3 +524,44 @@ def test_every_study_file_in_the_repository_loads_and_dry_runs(tmp_path, capsys,
           *[arg for item in sets for arg in ("--set", item)]])
     out = capsys.readouterr().out
     assert out.count("(new): python run_finetune.py") == len(study.runs)
+
+
+# ---------------------------------------------------------------------------------------------------- groups
+def test_a_set_for_a_group_reaches_only_its_runs_below_a_set_for_one_run(tmp_path):
+    path = write_study(tmp_path, {"defaults": {"seed": 1}, "runs": [
+        {"name": "a_{learning_rate}", "group": "small", "grid": {"learning_rate": [0.1, 0.2]}},
+        {"name": "b", "group": "small", "seed": 2},
+        {"name": "c", "group": "large"}]})
+    study = load_study(path, str(tmp_path / "out"), ["small.seed=5", "b.seed=6", "large.label_smoothing=0.1"])
+    seeds = {run.name: parse_config(run.argv()).train.seed for run in study.runs}
+    assert seeds == {"a_0.1": 5, "a_0.2": 5, "b": 6, "c": 1}
+    assert [run.group for run in study.runs] == ["small", "small", "small", "large"]
+    assert parse_config(study.runs[3].argv()).train.label_smoothing == 0.1
+    assert all(parse_config(run.argv()).train.label_smoothing == 0.0 for run in study.runs[:3])
+
+
+@pytest.mark.parametrize("study, sets, key", [
+    ({"runs": [{"name": "a", "group": "a"}]}, [], "group 'a'"),
+    ({"runs": [{"name": "a", "group": "x y"}]}, [], "group must be"),
+    ({"runs": [{"name": "a", "group": "g"}]}, ["h.seed=1"], "groups: ['g']"),
+])
+def test_a_bad_group_is_a_one_line_error(tmp_path, capsys, study, sets, key):
+    path = write_study(tmp_path, study)
+    err = study_error(capsys, [path, "--output_dir", str(tmp_path / "out"), "--dry_run",
+                               *[arg for item in sets for arg in ("--set", item)]])
+    assert key in err
+
+
+def test_report_scale_cifar_settings_reach_only_the_cifar_runs_and_imagenet_streams_by_shards(tmp_path):
+    study = load_study(str(REPO / "studies" / "report_scale.yaml"), str(tmp_path / "out"),
+                       ["cifar10.dataset_name=/data/cifar10", "cifar10.eval_split=",
+                        "imagenet.dataset_name=/data/imagenet-1k"])
+    configs = {run.name: parse_config(run.argv()) for run in study.runs}
+    assert len(configs) == 8
+    for name, cfg in configs.items():
+        if name == "imagenet_pretrain":
+            assert (cfg.data.dataset_name, cfg.data.eval_split, cfg.data.streaming, cfg.data.stream_sharding) == \
+                ("/data/imagenet-1k", "validation", True, "shards")
+        else:
+            assert (cfg.data.dataset_name, cfg.data.eval_split) == ("/data/cifar10", ""), name  # "": carve
+    assert configs["vit_base_finetuned"].model.model_name_or_path == str(tmp_path / "out" / "imagenet_pretrain")
