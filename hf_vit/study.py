@@ -294,9 +294,13 @@ def _build_and_train(study: Study, state, rehearsal=None) -> tuple[bool, list[st
     in a rehearsal)."""
     from hf_vit.trainer import train
 
+    began = time.time()
+
     def say(message: str) -> None:
         if state.is_main_process:
-            print(f"[study] {message}", flush=True)
+            # A rehearsal stamps its lines with the time since it began: its output is the record of its timing.
+            prefix = "[study]" if rehearsal is None else f"[rehearsal {time.time() - began:5.0f} s]"
+            print(f"{prefix} {message}", flush=True)
 
     if rehearsal is not None:
         from hf_vit.rehearsal import describe
@@ -356,8 +360,8 @@ def _build_and_train(study: Study, state, rehearsal=None) -> tuple[bool, list[st
             lines.append(f"{run.name}: {line}")
             say(f"{heading}: {line}")
     if rehearsal is not None and state.is_main_process:
-        print("[rehearsal] runs (their accuracies mean nothing):\n" + "\n".join(f"  {line}" for line in lines),
-              flush=True)
+        print(f"[rehearsal] runs, {time.time() - began:.0f} s in all (their accuracies mean nothing):\n"
+              + "\n".join(f"  {line}" for line in lines), flush=True)
     return True, list(failed)
 
 
