@@ -80,7 +80,8 @@ def failure_message(err: BaseException, path: str | os.PathLike, kept: str = "no
         return (f"no space left to {action} {where!r} ({detail}); free space on that file system (or choose an "
                 f"output folder on another one) and rerun; {kept}")
     if kind == "denied":
-        return f"permission denied: cannot {action} {where!r} ({detail}); make it writable or choose another folder; {kept}"
+        return (f"permission denied: cannot {action} {where!r} ({detail}); make it writable or choose another "
+                f"folder; {kept}")
     if kind == "read-only":
         return f"cannot {action} {where!r}: the file system is read-only; choose a writable folder; {kept}"
     return f"cannot {action} {where!r} ({detail}); fix the folder or choose another one; {kept}"

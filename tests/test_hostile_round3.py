@@ -32,7 +32,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import pytest
 import torch
 
@@ -343,7 +342,8 @@ def test_a_leftover_deleting_folder_is_deleted_in_place_never_renamed_again(tmp_
     monkeypatch.setattr(shutil, "rmtree", refused)
     with pytest.raises(UserError, match="cannot delete"):
         prepare_output_dir(out, overwrite=True, resuming=False)
-    assert [p.name for p in out.iterdir() if p.name.startswith(".hf_vit-deleting-")] == [".hf_vit-deleting-checkpoint-2"]
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".hf_vit-deleting-")]
+    assert leftovers == [".hf_vit-deleting-checkpoint-2"]
     for _ in range(2):  # every later run tries again, in place
         with pytest.raises(UserError, match="cannot delete"):
             prepare_output_dir(out, overwrite=True, resuming=False)

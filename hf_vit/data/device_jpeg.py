@@ -7,9 +7,9 @@ size (the same draws, from the same per-example seed, as the CPU path), and hand
 device a whole micro-batch is decoded in one ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA),
 then each image is cropped, resized with antialiasing, flipped and — with ``augmentation: enhanced`` — augmented with
 the rest of the train transform, its RNG re-seeded from the same per-example seed. Everything that is not a plain RGB
-or grey JPEG (PNG, CMYK, a file without its end-of-image marker, a JPEG whose EXIF orientation turns it) still takes the
-CPU path in the worker, as do all eval images: :func:`~hf_vit.data.decoding.open_image` turns an oriented JPEG upright
-(decoding it whole, as ``datasets`` and ``pipeline()`` do), so only upright JPEGs reach the device's decoder.
+or grey JPEG (PNG, CMYK, a file without its end-of-image marker, a JPEG whose EXIF orientation turns it) still takes
+the CPU path in the worker, as do all eval images: :func:`~hf_vit.data.decoding.open_image` turns an oriented JPEG
+upright (decoding it whole, as ``datasets`` and ``pipeline()`` do), so only upright JPEGs reach the device's decoder.
 
 On a CPU "device" (no accelerator) the decoder is libjpeg-turbo, the crop and resize are the same kernels, and the RNG
 draws are the same: the batches are bit-identical to the CPU path (tested). On CUDA, nvJPEG's IDCT and chroma

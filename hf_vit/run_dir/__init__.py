@@ -87,8 +87,8 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: b
     an hf_vit run unless ``overwrite``; a folder where a foreign entry sits at an output's name, whatever the flags.
     With ``finished_needs_checkpoint`` (the default: a run's first check), a resume (``latest``) into a finished
     run that holds no checkpoint of its own is refused too — it would start over and replace the finished run's
-    model and results. Read-only. Once this run's own main process holds the lock, the check reports the folder as in use, so other
-    processes must not call it after that (:func:`prepare_output_dir` is the main process's call)."""
+    model and results. Read-only. Once this run's own main process holds the lock, the check reports the folder as
+    in use, so other processes must not call it after that (:func:`prepare_output_dir` is the main process's call)."""
     out = Path(output_dir)
     if os.path.lexists(out) and not out.is_dir():
         raise UserError(f"output_dir {str(out)!r} is a file, not a folder; choose a folder path")
@@ -170,7 +170,7 @@ def check_outside_dataset(output: str | os.PathLike, dataset_name: str | None, w
     data, target = _real(dataset_name), _real(output)
     if target == data or data in target.parents:
         raise UserError(f"{what} {str(output)!r} lies inside the dataset {dataset_name!r} being read; its files "
-                        f"would become part of the data: choose a {what} outside the dataset folder")
+                        "would become part of the data: choose a folder outside the dataset")
 
 
 def analysis_output_dir(model_path: str | os.PathLike) -> Path:
