@@ -8,6 +8,8 @@
     per epoch (train and eval apart) and validation accuracy per epoch, and the 200 epochs projected from them (the
     training time is cut when needed to keep the whole check within 9 minutes). The
     run is stopped through the trainer's own preemption path (flag set -> finish the step, save, return).
+(d) ``studies/report_scale.yaml`` planned from (a)'s measured throughput: each run's plan and its GPU-hours on 1 and 8
+    GPUs (``hf_vit.plan``), with ``throughput.json`` beside the results for later plans to use.
 (c) With ``--imagenet_dir`` (e.g. a copy of ../shared/datasets/imagenet-sample): ``decode_on_device`` on the ImageNet
     photos — images/s of the GPU's share (nvJPEG batched decode, crop, antialiased resize and flip to 224 px, basic and
     enhanced augmentation), next to the loader worker's share per CPU core, so that how many cores one GPU needs can
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("cifar_dir", help="CIFAR-10 parquet folder (Hub layout, e.g. a copy of uoft-cs/cifar10)")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true",
                         help="CPU, tiny model, a CIFAR slice, a few steps: checks the script itself")
-    parser.add_argument("--parts", default="a,b,c", help="which parts to run, comma-separated: a, b, c")
+    parser.add_argument("--parts", default="a,b,c,d", help="which parts to run, comma-separated: a, b, c, d")
     parser.add_argument("--imagenet_dir", default=None,
                         help="ImageNet-style parquet folder for part (c), e.g. a copy of "
                              "../shared/datasets/imagenet-sample")
@@ -268,6 +270,40 @@ REQUIRED_MODULES = ("torch", "torchvision", "transformers", "accelerate", "datas
                     "safetensors")
 
 
+# ---------------------------------------------------------------------------------------------------- part (d)
+def part_d(args, result: dict, results_dir: Path, log) -> dict:
+    """studies/report_scale.yaml planned from the throughput part (a) just measured: every run's plan (steps, data
+    used, reads, checkpoints) and its GPU-hours on 1 and 8 GPUs. The ViT-B/16 runs use the measured images/s, the
+    others their FLOPs at the measured sustained TFLOP/s. CIFAR-10 is this check's folder; ImageNet-1k, unreachable
+    here, is planned from its recorded metadata (hf_vit.rehearsal)."""
+    import hf_vit.plan as plan
+    from hf_vit.study_file import load_study
+
+    timed = [m for m in (result.get("a", {}).get("compiled"), result.get("a", {}).get("eager"))
+             if m and "pipeline_images_per_sec" in m]
+    if not timed:
+        return {"error": "part (a) measured no throughput: nothing to plan from"}
+    best = max(timed, key=lambda m: m["pipeline_images_per_sec"])
+    preset, size = ("vit_tiny_cifar", 32) if args.dry_run else ("vit_base_patch16_224", 224)
+    record = {"model_preset": preset, "image_size": size, "device": result["machine"].get("gpu", "cpu"),
+              "train_images_per_second_per_gpu": best["pipeline_images_per_sec"],
+              "train_tflops_per_gpu": best["pipeline_tflops"], "date": result["date"],
+              "source": "benchmarks/gpu_check.py part (a), the trainer's step, synthetic batches on the device"}
+    path = results_dir / "throughput.json"
+    path.write_text(json.dumps([record], indent=1))
+    plan.THROUGHPUT_FILE = path
+    log(f"(d) planning studies/report_scale.yaml from {record['train_images_per_second_per_gpu']:.0f} img/s per GPU")
+    sets = [f"cifar10.dataset_name={args.cifar_dir}", "cifar10.eval_split="]
+    out = {"throughput": record}
+    with tempfile.TemporaryDirectory() as tmp:
+        study = load_study(str(REPO / "studies" / "report_scale.yaml"), tmp, sets)
+        for gpus in (1, 8):
+            table_text = plan.plan_study_table(study, processes=gpus)
+            out[f"table_{gpus}_gpu"] = table_text
+            log(f"(d) on {gpus} GPU(s):\n{table_text}")
+    return out
+
+
 def main(argv=None) -> dict:
     import importlib.util
 
@@ -286,8 +322,8 @@ def main(argv=None) -> dict:
         raise UserError(f"CIFAR-10 folder {args.cifar_dir!r} does not exist; pass the parquet folder "
                         "(e.g. a copy of ../shared/datasets/cifar10)")
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts or parts - {"a", "b", "c"}:
-        raise UserError(f"--parts {args.parts!r}: choose from a, b, c (comma-separated)")
+    if not parts or parts - {"a", "b", "c", "d"}:
+        raise UserError(f"--parts {args.parts!r}: choose from a, b, c, d (comma-separated)")
     if args.imagenet_dir is not None and not os.path.isdir(args.imagenet_dir):
         raise UserError(f"ImageNet folder {args.imagenet_dir!r} does not exist; pass the parquet folder "
                         "(e.g. a copy of ../shared/datasets/imagenet-sample) or leave --imagenet_dir out")
@@ -356,6 +392,13 @@ def main(argv=None) -> dict:
             save()
     if "a" in parts:
         result["a"]["compiled"] = part_a(args, compiled=True, log=log)
+        save()
+    if "d" in parts:
+        try:
+            result["d"] = part_d(args, result, results_dir, log)
+        except Exception as err:  # the measurements above are saved whatever happens here
+            result["d"] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+            log(f"(d) failed: {result['d']['error']}")
         save()
     print(table(result))
     print(f"results: {path}")

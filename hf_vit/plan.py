@@ -146,16 +146,22 @@ class RunPlan:
         return "\n".join(lines)
 
 
-def _throughput(preset: str | None, image_size: int | None) -> float | None:
-    """Measured training images/s per GPU for this preset and image size (benchmarks/results/throughput.json)."""
+def _measured(preset: str | None, image_size: int | None) -> tuple[float | None, float | None, str]:
+    """From benchmarks/results/throughput.json (written by benchmarks/gpu_check.sh): the measured training images/s
+    per GPU of this preset at this size, else a measured sustained TFLOP/s per GPU (another model's), and the device."""
     try:
         records = json.loads(THROUGHPUT_FILE.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    for record in records if isinstance(records, list) else []:
+        return None, None, ""
+    records = [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+    for record in records:
         if record.get("model_preset") == preset and record.get("image_size") == image_size:
-            return float(record["train_images_per_second_per_gpu"])
-    return None
+            return float(record["train_images_per_second_per_gpu"]), None, str(record.get("device", ""))
+    rates = [r for r in records if r.get("train_tflops_per_gpu")]
+    if rates:
+        best = max(rates, key=lambda r: r["train_tflops_per_gpu"])
+        return None, float(best["train_tflops_per_gpu"]), f"{best.get('model_preset')} on {best.get('device', '?')}"
+    return None, None, ""
 
 
 def _model_cost(cfg: RunConfig, num_classes: int) -> tuple[int | None, float | None, int | None]:
@@ -195,6 +201,8 @@ def resolve_plan(cfg: RunConfig, processes: int, data: DataFacts, model_cost=Non
             units = data.unit_rows or [n // data.num_units + (u < n % data.num_units) for u in range(data.num_units)]
             amplification = StreamPlan(units, n, topology).read_amplification(t.seed, 0)
     bytes_read = round(data.train_bytes * amplification) if data.train_bytes else None
+    if bytes_read and not data.streaming and data.raw_train_rows:  # map-style reads only the rows it uses
+        bytes_read = round(data.train_bytes * topology.examples_used(n) / data.raw_train_rows)
 
     evaluations = 0
     if data.has_eval:
@@ -208,13 +216,15 @@ def resolve_plan(cfg: RunConfig, processes: int, data: DataFacts, model_cost=Non
         checkpoint_bytes = parameters * per_param
 
     images = total_steps * t.total_train_batch_size
-    measured = _throughput(cfg.model.model_preset, image_size)
+    measured, tflops, device = _measured(cfg.model.model_preset, image_size)
     gpu_hours, source = None, "unknown model"
     if measured:
-        gpu_hours, source = images / measured / 3600, f"measured {measured:,.0f} img/s per GPU ({THROUGHPUT_FILE.name})"
+        gpu_hours, source = images / measured / 3600, f"measured {measured:,.0f} img/s per GPU ({device})"
     elif flops:
-        gpu_hours = images * flops / (ASSUMED_TFLOPS_PER_GPU * 1e12) / 3600
-        source = f"FLOPs at an assumed {ASSUMED_TFLOPS_PER_GPU:.0f} TFLOP/s per GPU"
+        rate = tflops or ASSUMED_TFLOPS_PER_GPU
+        gpu_hours = images * flops / (rate * 1e12) / 3600
+        source = (f"FLOPs at the {rate:.0f} TFLOP/s per GPU measured for {device}" if tflops else
+                  f"FLOPs at an assumed {rate:.0f} TFLOP/s per GPU")
 
     plan = RunPlan(cfg, data, processes, workers, t.per_device_train_batch_size, t.gradient_accumulation_steps,
                    t.total_train_batch_size, n, topology.examples_used(n), steps_per_epoch, total_steps, epochs,

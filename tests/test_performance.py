@@ -299,7 +299,7 @@ def test_gpu_check_decode_on_device_part_dry_run(cifar10_path, imagenet_sample_p
 
 @pytest.mark.parametrize("args", [["{nowhere}", "--dry-run"],
                                   ["{cifar}", "--dry-run", "--parts", "c", "--imagenet_dir", "{nowhere}"],
-                                  ["{cifar}", "--dry-run", "--parts", "a,d"]])
+                                  ["{cifar}", "--dry-run", "--parts", "a,e"]])
 def test_gpu_check_rejects_a_missing_dataset_folder_or_part(args, cifar10_path, tmp_path):
     args = [a.format(nowhere=tmp_path / "nowhere", cifar=cifar10_path) for a in args]
     proc = _gpu_check(args, timeout=120)
@@ -314,3 +314,24 @@ def test_gpu_check_full_dry_run(cifar10_path, tmp_path):
     result = json.loads(path.read_text())
     assert {"eager", "compiled"} <= set(result["a"]) and result["b"]["epochs"]
     assert result["a"]["eager"]["pipeline_images_per_sec"] > 0
+
+
+def test_gpu_check_plans_the_report_scale_study_from_the_measured_throughput(cifar10_path, tmp_path):
+    """Part (d) on a throughput as part (a) records it: throughput.json written, every run of report_scale.yaml
+    planned on 1 and 8 GPUs, none refused, the ViT-B/16 runs timed by the measured images/s."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import argparse
+
+    import gpu_check
+
+    result = {"a": {"eager": {"pipeline_images_per_sec": 1500.0, "pipeline_tflops": 158.1}},
+              "machine": {"gpu": "TEST-GPU"}, "date": "2026-12-07T00:00:00"}
+    out = gpu_check.part_d(argparse.Namespace(dry_run=False, cifar_dir=str(cifar10_path)), result, tmp_path,
+                           lambda line: None)
+    assert "error" not in out, out.get("traceback")
+    assert json.loads((tmp_path / "throughput.json").read_text())[0]["train_images_per_second_per_gpu"] == 1500.0
+    for gpus in (1, 8):
+        rows = [line for line in out[f"table_{gpus}_gpu"].splitlines() if line.startswith("| ") and "---" not in line]
+        assert len(rows) == 1 + 8 and all(row.endswith("| ok |") for row in rows[1:])
+        f10 = next(row for row in rows if row.startswith("| vit_base_scratch_f10 "))
+        assert "| 9 / 18000 (2000) |" in f10 and "measured 1,500 img/s per GPU (TEST-GPU)" in f10

@@ -66,12 +66,17 @@ def test_a_measured_throughput_replaces_the_flops_estimate(tmp_path, monkeypatch
     import hf_vit.plan as plan_module
 
     path = tmp_path / "throughput.json"
-    path.write_text(json.dumps([{"model_preset": "vit_base_patch16_224", "image_size": 224,
-                                 "train_images_per_second_per_gpu": 2000.0}]))
+    path.write_text(json.dumps([{"model_preset": "vit_base_patch16_224", "image_size": 224, "device": "H100",
+                                 "train_images_per_second_per_gpu": 2000.0, "train_tflops_per_gpu": 210.8}]))
     monkeypatch.setattr(plan_module, "THROUGHPUT_FILE", path)
     plan = resolve_plan(_cfg("--total_train_batch_size", "512", "--max_train_steps", "1000"), 1, _cifar(), VIT_B)
+    other = resolve_plan(_cfg("--model_preset", "resnet50", "--total_train_batch_size", "512", "--max_train_steps",
+                              "10"), 1, _cifar(), (23e6, 24.5e9, 224))
     assert plan.gpu_hours == pytest.approx(1000 * 512 / 2000 / 3600)
     assert plan.throughput_source.startswith("measured 2,000 img/s per GPU")
+    # Another model: its FLOPs at the sustained rate measured for ViT-B/16.
+    assert other.throughput_source == "FLOPs at the 211 TFLOP/s per GPU measured for vit_base_patch16_224 on H100"
+    assert other.gpu_hours == pytest.approx(10 * 512 * 24.5e9 / 210.8e12 / 3600)
     assert "| run | processes x loader workers |" in plan_table([("r", plan)])
 
 
