@@ -642,3 +642,17 @@ def test_the_loader_and_the_device_jpeg_path_train_on_the_upright_image():
     box = RandomResizedCrop.get_params(upright, (0.3, 1.0), (3 / 4, 4 / 3))
     torch.manual_seed(0)
     assert RandomResizedCrop.get_params(open_image(rows[5]["img"]), (0.3, 1.0), (3 / 4, 4 / 3)) == box
+
+
+def test_identity_compares_numbers_by_value_and_a_checkpoint_without_one_resumes_with_a_warning(caplog):
+    saved = {"seed": 3, "num_train_epochs": 2, "model": {"hidden_size": 16},
+             "dataset": {"name": "/a/cifar10", "fingerprint": "f1"}}
+    moved = {**saved, "num_train_epochs": 2.0, "dataset": {"name": "/b/cifar10", "fingerprint": "f1"}}
+    assert ckpt.identity_differences(saved, moved) == {}  # the same data moved elsewhere is the same run
+    other = {**moved, "model": {"hidden_size": 32}, "dataset": {"name": "/b/cifar10", "fingerprint": "f2"}}
+    assert set(ckpt.identity_differences(saved, other)) == {"model", "dataset"}
+    assert ckpt.check_identity("/x/checkpoint-4", saved, other, ["model", "dataset"]) == {
+        "model": ({"hidden_size": 16}, {"hidden_size": 32}), "dataset": ("/a/cifar10", "/b/cifar10")}
+    with caplog.at_level("WARNING", logger="hf_vit"):
+        assert ckpt.check_identity("/x/checkpoint-4", None, other, []) == {}
+    assert "records no run identity" in caplog.text
