@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 
 import datasets
@@ -185,8 +186,13 @@ def run_data_arguments(run_dir: str, dataset_name: str | None = None,
                        eval_split: str | None = None) -> tuple[DataArguments, int]:
     """The run's data arguments and seed, from ``RUN_DIR/train_config.yaml`` (keys that are not
     :class:`DataArguments` fields are ignored), with ``dataset_name`` / ``eval_split`` overriding the run's when given
-    (``eval_split=""``: no eval split, carve ``train_val_split`` out of train as training did)."""
+    (``eval_split=""``: no eval split, carve ``train_val_split`` out of train as training did). A ``checkpoint-<N>``
+    folder of a run uses its run's ``train_config.yaml``."""
     path = os.path.join(run_dir, CONFIG_FILE_NAME)
+    parent = os.path.join(os.path.dirname(os.path.abspath(run_dir)), CONFIG_FILE_NAME)
+    if not os.path.isfile(path) and re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.abspath(run_dir))) \
+            and os.path.isfile(parent):
+        path = parent
     recipe: dict = {}
     if os.path.isfile(path):
         try:

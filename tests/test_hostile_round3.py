@@ -169,6 +169,26 @@ def test_a_full_disk_during_eval_leaves_the_previous_results_whole_and_says_so(f
     assert snapshot(out) == previous  # all three old files, no new one, no partial file
 
 
+def test_attention_on_a_checkpoint_writes_beside_the_run_atomically_and_the_checkpoint_still_verifies(
+        finished, data, tmp_path, monkeypatch):
+    from hf_vit import attention
+
+    run_dir = copy_run(finished, tmp_path)
+    before = snapshot(run_dir)
+    argv = [str(run_dir / BOUNDARY), "--images", "2"]  # the checkpoint's data: its run's train_config.yaml
+    code, out, err = in_process(attention.main, argv)
+    assert code == 0, err
+    figure = tmp_path / "run-eval" / BOUNDARY / "attention_rollout.png"
+    first = figure.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n" and snapshot(run_dir) == before
+    verify_manifest(run_dir / BOUNDARY)
+    monkeypatch.setattr(os, "fsync", disk_full)
+    code, out, err = in_process(attention.main, argv + ["--images", "1"])
+    monkeypatch.undo()
+    assert code == 2 and "no space left" in one_error_line(err)
+    assert figure.read_bytes() == first and sorted(p.name for p in figure.parent.iterdir()) == [figure.name]
+
+
 # ---------------------------------------------------------------------------------- 2. a resume is the same run
 @pytest.mark.parametrize("change, names", [
     (["--seed", "4"], ["seed (checkpoint 3, this run 4)"]),
