@@ -304,6 +304,23 @@ def test_sigterm_to_the_process_group_saves_exits_0_within_60s_and_resume_is_exa
     assert any(out.rglob("events.out.tfevents*")), "the tracker wrote nothing, so the check above covers nothing"
 
 
+def test_sighup_to_the_process_group_is_a_preemption_and_releases_the_lock(tmp_path):
+    """A closed terminal (an ssh session dropped) sends SIGHUP to the whole foreground group, loader workers
+    included: the run finishes its step, saves a checkpoint, releases its lock and exits 0, as for SIGTERM."""
+    out = tmp_path / "run"
+    launch = fault_inject.Launch(fault_inject.train_command("map", out), tmp_path / "first.log", new_session=True)
+    deadline = time.time() + 600
+    while launch.step < 3 and launch.proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert launch.proc.poll() is None, launch.output()[-3000:]
+    os.killpg(launch.proc.pid, signal.SIGHUP)
+    assert launch.wait(timeout=120) == 0, launch.output()[-3000:]
+    message = next(line for line in launch.lines if line.startswith("Preempted: checkpoint saved at step "))
+    step = int(message.split("step ")[1].split()[0])
+    assert ckpt.resolve_resume_path("latest", str(out)) == str(out / f"checkpoint-{step}")
+    assert not (out / ".hf_vit_run.lock").exists()
+
+
 # ----------------------------------------------------------------------------------------------- non-finite guard
 class _InfGradient(torch.autograd.Function):
     """Identity forward (a finite loss), infinite gradient backward."""
