@@ -116,6 +116,11 @@ GENERATOR_VERSION = 2  # bump when the stand-ins' content changes, so an old fol
 # ------------------------------------------------------------------------------------------- the rehearsed run
 STEPS = 4
 CHECKPOINT_EVERY = 2
+# Decoded batches the loader workers may hold at once, all processes together: each worker prefetches
+# LOADER_PREFETCH micro-batches of uint8 images (hf_vit/data/loader.py). ImageNet's recipe on 2 processes x 16 workers
+# (800 images of 224 px per micro-batch) would hold 15.4 GB — measured: the 23 GB development machine reached 20 GB.
+LOADER_MEMORY_BUDGET = 5 * 2**30
+LOADER_PREFETCH = 4
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 TINY_CNN_PRESETS = {
     # ResNet-50's layout (bottleneck v1.5, its stem and strides) at 1/32 of the width, one block per stage.
@@ -371,6 +376,7 @@ class Rehearsal:
     stand_ins: dict[str, tuple[DatasetRecord, Path]] = field(default_factory=dict)  # dataset name -> its stand-in
     preempt: list[str] = field(default_factory=list)  # runs stopped by SIGTERM after their first checkpoint
     models: dict[str, str] = field(default_factory=dict)  # run -> the tiny model it trains
+    scaled: dict[str, str] = field(default_factory=dict)  # run -> what else was scaled for this machine, and why
 
     def build_stand_ins(self, say=print) -> None:
         """Write every stand-in that is not there yet (call on one process)."""
@@ -397,6 +403,15 @@ def rehearse_study(study, steps: int = STEPS, checkpoint_every: int = CHECKPOINT
 
     register_tiny_presets()
     rehearsal = Rehearsal(study.output_dir / "rehearsal_data")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    folders_to_configs = {}
+
+    def size_of(cfg) -> int:
+        if cfg.model.image_size:
+            return cfg.model.image_size
+        if cfg.model.model_name_or_path:
+            return size_of(folders_to_configs[cfg.model.model_name_or_path])
+        return PRESETS[cfg.model.model_preset]["image_size"]
 
     def stand_in(name: str, where: str) -> str:
         if not needs_stand_in(name):
@@ -414,6 +429,7 @@ def rehearse_study(study, steps: int = STEPS, checkpoint_every: int = CHECKPOINT
     started_from = set()
     for run in study.runs:
         cfg = _run_config(run)
+        folders_to_configs[str(run.output_dir)] = cfg
         if "dataset_name" not in run.referenced:
             run.flags["dataset_name"] = stand_in(cfg.data.dataset_name, f"run {run.name!r}")
         source = cfg.model.model_name_or_path
@@ -443,11 +459,40 @@ def rehearse_study(study, steps: int = STEPS, checkpoint_every: int = CHECKPOINT
             else:
                 raise UserError(f"run {run.name!r}: no rehearsal model for model type {model_type!r} "
                                 f"({SUPPORTED_MODEL_TYPES})")
+        batch = _batch_within_memory(cfg, processes, run.flags.get("image_size") or size_of(cfg))
+        if batch != cfg.train.total_train_batch_size:
+            per_process = batch // (processes * cfg.train.gradient_accumulation_steps)
+            rehearsal.scaled[run.name] = (
+                f"total_train_batch_size {cfg.train.total_train_batch_size} -> {batch} ({per_process} per process; "
+                f"the recipe's on 8 GPUs: {cfg.train.total_train_batch_size // 8} per GPU): {processes} processes x "
+                f"{cfg.data.dataloader_num_workers} loader workers x {LOADER_PREFETCH} prefetched micro-batches of "
+                f"the recipe's would hold {_loader_bytes(cfg, processes, cfg.train.total_train_batch_size, size_of(cfg)) / 1e9:.1f} "
+                f"GB of decoded images, more than the rehearsal's {LOADER_MEMORY_BUDGET / 2**30:.0f} GiB")
+            run.flags["total_train_batch_size"] = str(batch)
         run.flags.update({"max_train_steps": str(steps), "checkpointing_steps": str(checkpoint_every), "logging_steps": "1", "warmup_epochs": "0",
                           "push_to_hub": "false"})
     # Preempt and resume the first run, and every run others start from (its resume is what the chain rests on).
     rehearsal.preempt = [run.name for i, run in enumerate(study.runs) if i == 0 or run.name in started_from]
     return rehearsal
+
+
+def _loader_bytes(cfg, processes: int, global_batch: int | None, image_size: int) -> int:
+    """Bytes of decoded images the run's loader workers hold when every prefetch slot is full."""
+    workers = 0 if cfg.data.data_on_device else cfg.data.dataloader_num_workers
+    if not workers or not global_batch:
+        return 0
+    micro = global_batch // (processes * cfg.train.gradient_accumulation_steps)
+    return processes * workers * LOADER_PREFETCH * micro * 3 * image_size * image_size
+
+
+def _batch_within_memory(cfg, processes: int, image_size) -> int | None:
+    """The run's global batch, halved while its loader would hold more than :data:`LOADER_MEMORY_BUDGET` (and the
+    halves still divide over the processes and accumulation steps)."""
+    batch, step = cfg.train.total_train_batch_size, processes * cfg.train.gradient_accumulation_steps
+    while batch and _loader_bytes(cfg, processes, batch, int(image_size)) > LOADER_MEMORY_BUDGET and \
+            batch % 2 == 0 and (batch // 2) % step == 0:
+        batch //= 2
+    return batch
 
 
 def describe(study, rehearsal: Rehearsal, processes: int) -> str:
@@ -467,6 +512,8 @@ def describe(study, rehearsal: Rehearsal, processes: int) -> str:
         "cores).",
         "Models (a few steps of the real ones would take hours on a CPU):",
         *[f"  {name}: {model}" for name, model in rehearsal.models.items()],
+        *(["Scaled for this machine's memory:"] + [f"  {name}: {why}" for name, why in rehearsal.scaled.items()]
+          if rehearsal.scaled else []),
         f"Preempted by SIGTERM after their first checkpoint, then resumed (--resume_from_checkpoint latest): "
         f"{', '.join(rehearsal.preempt) or 'none'}.",
     ]
