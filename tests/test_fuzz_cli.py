@@ -442,8 +442,10 @@ def fake_hub(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(COMMAND_FLAGS))
 def test_other_commands_fuzzed_exit_0_or_2_with_one_line_and_never_touch_the_run(
-        name, finished_tiny_run, tiny_dataset, tmp_path_factory, fake_hub, caplog):
+        name, finished_tiny_run, tiny_dataset, tmp_path_factory, fake_hub, caplog, monkeypatch):
     run, data = finished_tiny_run, tiny_dataset
+    # A fuzzed relative path (a report's output, an eval's run) is the user's working folder's: never the checkout.
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
     def state():  # datasets' own filter caches (cache-*.arrow) may appear beside a saved dataset: not ours
         return listing(run), {k: v for k, v in listing(data).items() if not Path(k).name.startswith("cache-")}
