@@ -42,24 +42,34 @@ def open_image(image: dict) -> PIL.Image.Image:
     is applied exactly as ``datasets``' ``Image`` feature and ``pipeline()`` apply it (``PIL.ImageOps.exif_transpose``,
     which decodes the whole image). Otherwise only the header is read (a JPEG stays undecoded, so the partial and
     device decoders can take it)."""
+    return upright(open_as_stored(image))
+
+
+def open_as_stored(image: dict) -> PIL.Image.Image:
+    """An undecoded datasets image opened by PIL as its bytes store it (no orientation applied; only the header
+    read). For code that must know whether the image is turned (:func:`is_turned`) before deciding how to decode it."""
     data = image.get("bytes")
-    img = PIL.Image.open(io.BytesIO(data) if data is not None else image["path"])
-    return upright(img)
+    return PIL.Image.open(io.BytesIO(data) if data is not None else image["path"])
+
+
+def is_turned(img: PIL.Image.Image) -> bool:
+    """Whether ``img``'s EXIF orientation turns or flips it (2..8: what ``exif_transpose`` acts on). A JPEG's EXIF and
+    XMP are read with its header, so a JPEG stays undecoded; any other format is loaded first, as ``datasets`` does,
+    since its EXIF may follow the pixels."""
+    if img.format == "JPEG":
+        if not any(k in img.info for k in _ORIENTATION_SOURCES):
+            return False  # the common case, and the fast path's: no EXIF or XMP in the header, no orientation
+    else:
+        img.load()
+    return img.getexif().get(PIL.Image.ExifTags.Base.Orientation) in _TURNED
 
 
 def upright(img: PIL.Image.Image) -> PIL.Image.Image:
-    """``img`` with its EXIF orientation applied (``datasets``' rule: ``exif_transpose`` when the tag is present), or
-    ``img`` itself when it has none. A JPEG's EXIF and XMP are read with its header, so a JPEG without them is left
-    undecoded; any other format is loaded first, as ``datasets`` does, since its EXIF may follow the pixels."""
-    if img.format == "JPEG":
-        if not any(k in img.info for k in _ORIENTATION_SOURCES):
-            return img  # the common case, and the fast path's: no EXIF or XMP in the header, no orientation
-    else:
-        img.load()
-    if img.getexif().get(PIL.Image.ExifTags.Base.Orientation) not in _TURNED:
-        return img  # exif_transpose leaves such an image as it is: keep it undecoded
-    # Decodes the whole image; the result has no undecoded bytes left, so every later step treats it as pixels.
-    return PIL.ImageOps.exif_transpose(img)
+    """``img`` with its EXIF orientation applied (``datasets``' rule), or ``img`` itself, still undecoded, when the
+    orientation leaves it as it is."""
+    # exif_transpose decodes the whole image; the result has no undecoded bytes left, so every later step treats it
+    # as pixels (no partial or device decode of bytes that are no longer upright).
+    return PIL.ImageOps.exif_transpose(img) if is_turned(img) else img
 
 
 def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:

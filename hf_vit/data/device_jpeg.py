@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from .batch import Batch, JpegPlanBatch
-from .decoding import encoded_jpeg, open_image
+from .decoding import encoded_jpeg, is_turned, open_as_stored
 from .keys import augmentation_seed, example_key
 from .loader import DecodeCollate
 from .transforms import RandomResizedCropDecode
@@ -77,7 +77,9 @@ class JpegPlanCollate(DecodeCollate):
             return None
         try:
             label = int(example[self.label_column])
-            img = open_image(image)
+            img = open_as_stored(image)
+            if img.format != "JPEG" or is_turned(img):
+                return None  # the CPU path decodes it (a turned JPEG: whole, then turned upright)
         except Exception:  # noqa: BLE001 - a missing label or an unreadable header: the CPU path reports it
             return None
         if not 0 <= label < self.num_classes:
