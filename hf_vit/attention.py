@@ -144,17 +144,23 @@ def model_rollout(model: ViTForImageClassification, pixel_values: torch.Tensor, 
 
 
 # --------------------------------------------------------------------------------------------------- the run folder
+def check_run_folder(run_dir: str) -> str:
+    """The path of the run folder's ``config.json``; a missing folder or one without a model is a UserError."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"run folder {run_dir!r} does not exist; pass the output_dir of a training run")
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{run_dir!r} holds no model (no config.json); pass the output_dir of a finished training run")
+    return config_path
+
+
 def load_run_model(run_dir: str) -> tuple[ViTForImageClassification, object]:
     """The ViT classifier of a run folder (loaded with the eager attention) and its image processor.
 
     A missing folder, a folder without a model, any model type other than ViT (a CNN run, say), incomplete weights or
     a missing processor are one-line UserErrors.
     """
-    if not os.path.isdir(run_dir):
-        raise UserError(f"run folder {run_dir!r} does not exist; pass the output_dir of a training run")
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise UserError(f"{run_dir!r} holds no model (no config.json); pass the output_dir of a finished training run")
+    config_path = check_run_folder(run_dir)
     try:
         with open(config_path) as f:
             model_type = json.load(f).get("model_type")
@@ -305,6 +311,7 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
         raise UserError(f"--head_fusion must be one of {list(HEAD_FUSIONS)} (got {head_fusion!r})")
     if not 0.0 <= discard_ratio < 1.0:
         raise UserError(f"--discard_ratio must be in [0, 1) (got {discard_ratio})")
+    check_run_folder(run_dir)  # what to read first, then where to write: both before anything runs
     output = output or str(analysis_output_dir(run_dir) / DEFAULT_OUTPUT_NAME)
     check_analysis_output(output, "--output")
     suffix = os.path.splitext(output)[1].lstrip(".").lower()
