@@ -501,7 +501,8 @@ def describe(study, rehearsal: Rehearsal, processes: int) -> str:
         f"REHEARSAL of {study.path} -> {study.output_dir}: {len(study.runs)} runs on {processes} process(es).",
         "THE ACCURACIES OF A REHEARSAL MEAN NOTHING: tiny models, a few steps, generated images. It checks that every "
         "run starts, plans its epochs, reads its data, evaluates, checkpoints, resumes and hands its weights on.",
-        "Same code: each run goes through parse_config + train as in production (its command line below).",
+        "Same code: each run goes through parse_config + train as in production, with the command line printed "
+        "when it starts.",
         "Kept as the study gives them: processes (this launch's), loader workers, gradient accumulation, the global "
         "batch, train_fraction, splits and held-out sets, streaming and stream_sharding, mixed precision, "
         "augmentation, image size, the order of the runs and the links between them.",

@@ -329,7 +329,9 @@ def _build_and_train(study: Study, state, rehearsal=None) -> tuple[bool, list[st
         status = run_status(run)
         say(f"{heading}: "
             + {"done": "done, skipped", "resume": "resuming from its newest checkpoint",
-               "restart": "interrupted before its first checkpoint: starting it again", "new": "training"}[status])
+               "restart": "interrupted before its first checkpoint: starting it again", "new": "training"}[status]
+            + (f": {command_line(run, STATUS_FLAGS.get(status))}" if rehearsal is not None and status != "done"
+               else ""))
         if status == "done":
             continue
         start = time.time()
