@@ -205,6 +205,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                 continue
             rows = self._segment_rows(segment)
             n = _length(rows)
+            if not n:  # a unit whose rows the filters all took out
+                continue
             if skip_rows:
                 dropped = min(skip_rows, n)
                 rows, n, skip_rows = {k: v[dropped:] for k, v in rows.items()}, n - dropped, skip_rows - dropped
