@@ -209,3 +209,17 @@ def test_a_filtered_stream_moves_a_boundary_near_a_unit_edge_onto_it():
     assert [s.unit for s in filtered.consumer_segments(0, 0, 0)] == [filtered.consumer_segments(0, 0, 0)[0].unit]
     exact = StreamPlan([200, 200], 400, Topology(1, 3, 16, 1))
     assert exact.snap == 0 and exact.read_amplification(0, 0) > 1.0
+
+
+def test_a_unit_the_filters_empty_keeps_the_rows_before_it(many_row_groups):
+    """Every row of the second row group filtered out (as a train_fraction or a carve-out can do to a small unit): the
+    consumer reading across it still yields the rows before and after it, each once."""
+    splits, unit_rows = _stream(many_row_groups)
+    gone = {f"s/{i}.png" for i in range(10, 22)}  # unit 1: rows 10-21
+    kept = splits.train.filter(lambda image: image["path"] not in gone, input_columns=["image"])
+    n = sum(unit_rows) - len(gone)
+    topology = Topology(1, 0, 3, 1)
+    stream = TrainStream(kept, topology, 0, seed=7, num_examples=n, unit_rows=unit_rows)
+    seen = [k for batch in _rank_epoch(None, topology, 0, 0, stream=stream) for k in batch]
+    assert len(seen) == len(set(seen)) and not set(seen) & gone
+    assert len(seen) == topology.examples_used(n)  # one consumer: its range is the whole line
