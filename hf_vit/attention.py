@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 
 import datasets
@@ -40,15 +39,15 @@ import numpy as np
 import PIL.Image
 import torch
 import transformers
-import yaml
 from matplotlib.figure import Figure
 from transformers import AutoImageProcessor, ViTForImageClassification
 
 from safetensors import SafetensorError
 
 from hf_vit import durable
-from hf_vit.config import CONFIG_FILE_NAME, DataArguments, TrainingArguments, check_fields
-from hf_vit.data import example_key, load_splits, to_rgb
+from hf_vit.config import (CONFIG_FILE_NAME, DataArguments, TrainArguments, check_fields, check_value,
+                           read_run_config, shared_setting)
+from hf_vit.data import DataSource, example_key, load_splits, to_rgb
 from hf_vit.data.decoding import open_image
 from hf_vit.errors import UserError, raise_user_errors, run_cli
 from hf_vit.report import new_figure
@@ -188,36 +187,29 @@ def load_run_model(run_dir: str) -> tuple[ViTForImageClassification, object]:
     return model.eval(), processor
 
 
-def run_data_arguments(run_dir: str, dataset_name: str | None = None,
-                       eval_split: str | None = None) -> tuple[DataArguments, int]:
-    """The run's data arguments and seed, from ``RUN_DIR/train_config.yaml`` (keys that are not
-    :class:`DataArguments` fields are ignored), with ``dataset_name`` / ``eval_split`` overriding the run's when given
-    (``eval_split=""``: no eval split, carve ``train_val_split`` out of train as training did). A ``checkpoint-<N>``
-    folder of a run uses its run's ``train_config.yaml``."""
-    path = os.path.join(run_dir, CONFIG_FILE_NAME)
-    parent = os.path.join(os.path.dirname(os.path.abspath(run_dir)), CONFIG_FILE_NAME)
-    if not os.path.isfile(path) and re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.abspath(run_dir))) \
-            and os.path.isfile(parent):
-        path = parent
-    recipe: dict = {}
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                recipe = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise UserError(f"cannot read {path!r} ({str(err).splitlines()[0]}); pass --dataset_name") from None
-        if not isinstance(recipe, dict):
-            raise UserError(f"{path!r} is not a mapping of option names to values; pass --dataset_name")
-    elif dataset_name is None:
+def run_data_source(run_dir: str, dataset_name: str | None = None,
+                    eval_split: str | None = None) -> tuple[DataSource, int]:
+    """The run's evaluation data and seed, from the settings it recorded (:func:`hf_vit.config.read_run_config`: a
+    ``checkpoint-<N>`` folder of a run uses its run's), with ``dataset_name`` / ``eval_split`` overriding the run's
+    when given (``eval_split=""``: no eval split, carve ``train_val_split`` out of train as training did). The values
+    are checked against the settings' declared domains, whether recorded or given here."""
+    try:
+        recorded = read_run_config(run_dir)
+    except UserError as err:
+        raise UserError(f"{err}; or pass --dataset_name") from None
+    if recorded is None and dataset_name is None:
         raise UserError(f"{run_dir!r} has no {CONFIG_FILE_NAME}, so its evaluation data is unknown; pass "
                         "--dataset_name (and --eval_split)")
     fields = {f.name for f in dataclasses.fields(DataArguments)}
-    data_args = DataArguments(**{k: v for k, v in recipe.items() if k in fields})
+    data_args = DataArguments(**{k: v for k, v in (recorded or {}).items() if k in fields})
     if dataset_name is not None:
         data_args.dataset_name = dataset_name
     if eval_split is not None:
         data_args.eval_split = eval_split
-    return data_args, int(recipe.get("seed", TrainingArguments.seed))
+    check_fields(data_args)
+    seed = TrainArguments(**({"seed": recorded["seed"]} if recorded and "seed" in recorded else {})).seed
+    check_value("seed", seed)
+    return DataSource.from_args(data_args), seed
 
 
 def _decode(image: dict) -> PIL.Image.Image:
@@ -227,16 +219,16 @@ def _decode(image: dict) -> PIL.Image.Image:
     return to_rgb(img)
 
 
-def first_eval_images(data_args: DataArguments, seed: int, count: int) -> dict:
+def first_eval_images(source: DataSource, seed: int, count: int) -> dict:
     """The first ``count`` decodable evaluation images of the run's data, in the dataset's order (deterministic).
 
     Returns ``{"images": [PIL RGB], "labels": [int], "keys": [example key], "label_names": [str]}``; fewer images
     when the evaluation split holds fewer. Data that cannot be loaded or decoded is a UserError.
     """
     try:
-        splits = load_splits(data_args, seed)
+        splits = load_splits(source, seed)
     except (OSError, ValueError, ConnectionError) as err:
-        raise UserError(f"cannot load dataset {data_args.dataset_name!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load dataset {source.name!r}: {str(err).splitlines()[0]}") from None
     if splits.eval is None:
         raise UserError("the run has no evaluation data (no eval_split and train_val_split=0); pass --eval_split")
     images, labels, keys = [], [], []
@@ -256,7 +248,7 @@ def first_eval_images(data_args: DataArguments, seed: int, count: int) -> dict:
         if len(images) == count:
             break
     if not images:
-        raise UserError(f"the evaluation split of {data_args.dataset_name!r} holds no decodable images")
+        raise UserError(f"the evaluation split of {source.name!r} holds no decodable images")
     return {"images": images, "labels": labels, "keys": keys, "label_names": list(splits.label_names)}
 
 
@@ -320,11 +312,10 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
         raise UserError(f"--output {output!r} needs a file suffix matplotlib writes ({', '.join(sorted(formats))})")
 
     model, processor = load_run_model(run_dir)
-    data_args, seed = run_data_arguments(run_dir, dataset_name, eval_split)
-    check_fields(data_args)  # the training run's domains, for the values taken from its config or given here
-    check_outside_dataset(output, data_args.dataset_name, "--output")
+    source, seed = run_data_source(run_dir, dataset_name, eval_split)
+    check_outside_dataset(output, source.name, "--output")
     try:
-        data = first_eval_images(data_args, seed, images)
+        data = first_eval_images(source, seed, images)
     except UserError as err:
         if dataset_name is not None:
             raise
@@ -335,7 +326,7 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
             return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
         raise UserError(f"the model in {run_dir!r} predicts {len(model_labels)} classes ({shorten(model_labels)}) but "
-                        f"dataset {data_args.dataset_name!r} has {len(data['label_names'])} "
+                        f"dataset {source.name!r} has {len(data['label_names'])} "
                         f"({shorten(data['label_names'])}); pass the --dataset_name the run was trained on")
     if len(data["images"]) < images:
         logger.warning("the evaluation data holds only %d images; showing those", len(data["images"]))
@@ -371,6 +362,14 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
 
 
 # -------------------------------------------------------------------------------------------------------------- CLI
+def add_setting(parser: argparse.ArgumentParser, group: type, name: str, unset: str) -> None:
+    """Add ``--name``, a text setting of the argument group ``group``, with its declared help and ``unset`` (what
+    leaving it out means here); the default is None, so the run's recorded value applies. Its declared domain is
+    checked with the run's values (:func:`run_data_source`)."""
+    help_text = shared_setting(group, name).metadata["help"]
+    parser.add_argument(f"--{name}", default=None, help=f"{help_text} {unset}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m hf_vit.attention",
@@ -379,9 +378,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=8, help=f"how many evaluation images (1..{MAX_IMAGES})")
     parser.add_argument("--output", default=None,
                         help=f"figure path (default <RUN_DIR>-eval/{DEFAULT_OUTPUT_NAME}, beside the run folder)")
-    parser.add_argument("--dataset_name", default=None, help="the run's dataset elsewhere (e.g. a local copy)")
-    parser.add_argument("--eval_split", default=None,
-                        help='evaluation split instead of the run\'s ("" carves train_val_split out of train)')
+    # The training flags' declarations (hf_vit.config), unset by default: unset, the run's recorded value is used.
+    add_setting(parser, DataArguments, "dataset_name", "Unset: the run's (pass a local copy of it, say).")
+    add_setting(parser, DataArguments, "eval_split", "Unset: the run's; \"\" carves train_val_split out of train as "
+                "training did.")
     parser.add_argument("--head_fusion", default="mean", choices=HEAD_FUSIONS,
                         help="how each layer's heads are fused (mean: the paper's rollout)")
     parser.add_argument("--discard_ratio", type=float, default=0.0,

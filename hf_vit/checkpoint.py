@@ -59,7 +59,8 @@ def resolve_resume_path(resume: str, output_dir: str, token: str | None = None) 
                 "pass a checkpoint-<step> folder or 'latest'"
             )
         return resume
-    from .hub import download_checkpoint, is_local_path
+    from .hub import download_checkpoint
+    from .locations import is_local_path
 
     if resume.count("/") == 1 and not is_local_path(resume):  # user/repo: a checkpoint pushed to the Hub
         return download_checkpoint(resume, token=token)
@@ -262,17 +263,17 @@ def dataset_fingerprint(data, data_args=None) -> str:
         for i in sorted({i * n // _FINGERPRINT_SAMPLES for i in range(_FINGERPRINT_SAMPLES)}) if n else []:
             image = column[i].as_py()
             digest.update(example_key(image if isinstance(image, dict) else None).encode() + b"\n")
-    elif data_args is not None:
-        for name, size in _data_files(data_args):
+    elif data.source is not None or data_args is not None:
+        for name, size in _data_files(data.source.local_folder if data.source is not None
+                                      else os.path.expanduser(data_args.dataset_name)):
             digest.update(f"{name}:{size}\n".encode())
     return digest.hexdigest()[:32]
 
 
-def _data_files(data_args, limit: int = 100_000) -> list[tuple[str, int]]:
-    """(name relative to the dataset folder, size) of a local dataset's files (at most ``limit``); none for a Hub id
-    (its name and split sizes stand for it)."""
-    root = os.path.expanduser(data_args.dataset_name)
-    if not os.path.isdir(root):
+def _data_files(root: str | None, limit: int = 100_000) -> list[tuple[str, int]]:
+    """(name relative to the dataset folder ``root``, size) of a local dataset's files (at most ``limit``); none for
+    a Hub id (``root`` None or no folder: its name and split sizes stand for it)."""
+    if root is None or not os.path.isdir(root):
         return []
     found = []
     for folder, dirs, names in os.walk(root):

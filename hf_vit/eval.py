@@ -26,19 +26,19 @@ import dataclasses
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 from accelerate import PartialState
 from safetensors import SafetensorError
-from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, PreTrainedModel
+from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
 from . import durable
-from .config import DataArguments, check_value
-from .config.checks import DOMAINS
-from .data import ImageSpec, build_eval_data, load_splits, open_dataset
+from .config import (TEXT, ArgumentParser, DataArguments, ModelArguments, TrainArguments, check_fields, setting,
+                     shared_setting)
+from .data import DataSource, ImageSpec, build_eval_data, load_splits, open_dataset
 from .errors import UserError, raise_user_errors, run_cli
 from .models import checkpoint_config, is_vit
 from .run_dir import analysis_output_dir, check_analysis_output, check_outside_dataset
@@ -50,34 +50,34 @@ logger = logging.getLogger("hf_vit")
 
 @dataclass
 class EvalArguments:
-    """What to evaluate on which data (flag names as in the HF examples and the training scripts)."""
+    """What to evaluate on which data. Every flag the training commands also take is their declaration
+    (:func:`hf_vit.config.shared_setting`: the same name, help, allowed values and default), except where noted."""
 
-    model_name_or_path: str = field(
-        metadata={"help": "Local folder or Hub id of an image classifier (ViT, ResNet, ConvNeXt) with its image "
-                          "processor."}
-    )
-    dataset_name: str = field(
-        metadata={"help": "Hub dataset id, or a local path (parquet folder, imagefolder tree, or saved dataset)."}
-    )
-    eval_split: Optional[str] = field(default=None, metadata={"help": "Split to evaluate (e.g. test, validation)."})
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
-    train_val_split: float = field(
-        default=0.0,
-        metadata={"help": "Evaluate only the validation slice (fraction, or count if >= 1) that training carves out "
-                          "of eval_split with the same train_val_split and seed; 0 evaluates the whole split."},
-    )
-    seed: int = field(default=42, metadata={"help": "Seed of the carved validation slice (the training run's seed)."})
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Eval batch per process."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N examples."})
-    output_dir: Optional[str] = field(
-        default=None,
-        metadata={"help": "Where results go (default: <run>-eval beside the model folder, <run>-eval/checkpoint-N "
-                          "for a checkpoint, ./eval_<name> for a Hub id; never a run or checkpoint folder)."},
-    )
-    image_column_name: Optional[str] = field(default=None, metadata={"help": "Image column (auto-detected if unset)."})
-    label_column_name: Optional[str] = field(default=None, metadata={"help": "Label column (auto-detected if unset)."})
-    dataloader_num_workers: int = field(default=2, metadata={"help": "Loader worker processes per process."})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Autocast precision."})
+    # Required here: an evaluation has no preset to build and no default dataset to guess.
+    model_name_or_path: str = shared_setting(
+        ModelArguments, "model_name_or_path", default=dataclasses.MISSING,
+        help="Local folder or Hub id of an image classifier (ViT, ResNet, ConvNeXt) with its image processor.")
+    dataset_name: str = shared_setting(DataArguments, "dataset_name", default=dataclasses.MISSING)
+    eval_split: Optional[str] = shared_setting(DataArguments, "eval_split",
+                                               help="Split to evaluate (e.g. test, validation).")
+    dataset_config_name: Optional[str] = shared_setting(DataArguments, "dataset_config_name")
+    # 0 here: an evaluation reads its whole split unless told to score a training run's carved validation slice.
+    train_val_split: float = shared_setting(
+        DataArguments, "train_val_split", default=0.0,
+        help="Evaluate only the validation slice (fraction, or count if >= 1) that training carves out of eval_split "
+             "with the same train_val_split and seed; 0 evaluates the whole split.")
+    seed: int = shared_setting(TrainArguments, "seed",
+                               help="Seed of the carved validation slice (the training run's seed).")
+    per_device_eval_batch_size: int = shared_setting(TrainArguments, "per_device_eval_batch_size")
+    max_eval_samples: Optional[int] = shared_setting(DataArguments, "max_eval_samples")
+    # Not the run's output_dir: where this command's results go, never a run folder.
+    output_dir: Optional[str] = setting(
+        None, TEXT, "Where results go (default: <run>-eval beside the model folder, <run>-eval/checkpoint-N for a "
+                    "checkpoint, ./eval_<name> for a Hub id; never a run or checkpoint folder).")
+    image_column_name: Optional[str] = shared_setting(DataArguments, "image_column_name")
+    label_column_name: Optional[str] = shared_setting(DataArguments, "label_column_name")
+    dataloader_num_workers: int = shared_setting(DataArguments, "dataloader_num_workers")
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = shared_setting(TrainArguments, "mixed_precision")
 
 
 def default_output_dir(model_name_or_path: str) -> str:
@@ -108,16 +108,15 @@ def check_labels(model_labels: list[str], data_labels: list[str], model_name: st
     )
 
 
-def _data_arguments(args: EvalArguments) -> DataArguments:
-    """The data stage's arguments for one split: carving the validation slice treats the split as the train split
-    of the training run, so the slice is the same examples."""
+def data_source(args: EvalArguments) -> DataSource:
+    """The examples to score: the split, or the validation slice training carves out of it (carving treats the split
+    as the train split of the training run, so the slice is the same examples)."""
     carve = args.train_val_split > 0
-    return DataArguments(
-        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_split=args.eval_split,
+    return DataSource.named(
+        args.dataset_name, config_name=args.dataset_config_name, train_split=args.eval_split,
         eval_split=None if carve else args.eval_split, train_val_split=args.train_val_split,
         image_column_name=args.image_column_name, label_column_name=args.label_column_name,
-        max_eval_samples=args.max_eval_samples, dataloader_num_workers=args.dataloader_num_workers,
-    )
+        max_eval_samples=args.max_eval_samples)
 
 
 def _load_model(path: str, config) -> tuple[PreTrainedModel, object]:
@@ -148,26 +147,22 @@ def _load_model(path: str, config) -> tuple[PreTrainedModel, object]:
 
 def evaluate(args: EvalArguments) -> dict:
     """Evaluate ``args.model_name_or_path`` on the chosen split; returns (and writes) the eval results."""
-    # The fields shared with training have their domains there (hf_vit.config.checks): one rule for both commands.
-    for f in dataclasses.fields(args):
-        value = getattr(args, f.name)
-        if f.name in DOMAINS and value is not None:
-            check_value(f.name, value)
+    check_fields(args)  # the same declared domains as the training commands'
     output_dir = Path(args.output_dir or default_output_dir(args.model_name_or_path))
     # Where the results go is checked before anything runs: a bad place must not cost a whole evaluation.
     check_analysis_output(output_dir, "--output_dir")
     check_outside_dataset(output_dir, args.dataset_name, "--output_dir")
     config = checkpoint_config(args.model_name_or_path)
     state = PartialState(cpu=cpu_only_distributed())
-    data_args = _data_arguments(args)
+    source = data_source(args)
     with main_process_first(state):  # the main process builds the datasets cache, the others reuse it
-        loaded = open_dataset(data_args)
+        loaded = open_dataset(source)
         splits = list(loaded.keys())
         if args.eval_split is None:
             raise UserError(f"pass --eval_split; dataset {args.dataset_name!r} has splits {splits}")
         if args.eval_split not in splits:
             raise UserError(f"split {args.eval_split!r} not found; dataset {args.dataset_name!r} has splits {splits}")
-        data = load_splits(data_args, args.seed, loaded)
+        data = load_splits(source, args.seed, loaded)
     check_labels([config.id2label[i] for i in range(config.num_labels)], data.label_names, args.model_name_or_path,
                  args.dataset_name)
     if not data.num_eval_examples:
@@ -181,7 +176,8 @@ def evaluate(args: EvalArguments) -> dict:
                         f"({err}); evaluate a ViT checkpoint with a ViT/DeiT image processor") from None
 
     acc = build_accelerator(args.mixed_precision)
-    eval_data = build_eval_data(data, spec, data_args, args.per_device_eval_batch_size, args.seed, acc)
+    eval_data = build_eval_data(data, spec, args.dataloader_num_workers, args.per_device_eval_batch_size, args.seed,
+                                acc)
     what = (f"the {args.train_val_split:g} validation slice (seed {args.seed}) of split {args.eval_split!r}"
             if args.train_val_split > 0 else f"split {args.eval_split!r}")
     logger.info("Evaluating %s on %s of %s: %d examples, %d process(es), image size %d, mean %s, std %s",
@@ -219,7 +215,7 @@ def _write(results: dict, label_names: list[str], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser(EvalArguments)
+    parser = ArgumentParser(EvalArguments)
     parser.prog = "python -m hf_vit.eval"
 
     raise_user_errors(parser)  # one `error:` line instead of argparse's usage block

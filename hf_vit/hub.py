@@ -34,6 +34,7 @@ from typing import Callable, TypeVar
 from huggingface_hub import HfApi, snapshot_download
 
 from hf_vit.errors import UserError
+from hf_vit.locations import is_local_path  # noqa: F401 - hf_vit.rehearsal still imports it from here
 
 log = logging.getLogger("hf_vit.hub")
 
@@ -60,12 +61,6 @@ LAST_CHECKPOINT = "last-checkpoint"
 MANIFEST_NAME = "manifest.json"
 
 T = TypeVar("T")
-
-
-def is_local_path(name: str) -> bool:
-    """Whether ``name`` means a filesystem path rather than a Hub id (``user/name``): it exists, starts like a path, or
-    has more than one slash."""
-    return os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _scrub(text: str, secrets: list[str]) -> str:

@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from .config import TrainingArguments
+from .config import TrainArguments
 from .errors import UserError
 from .models import is_vit
 
@@ -42,7 +42,7 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def param_groups(model: torch.nn.Module, args: TrainingArguments) -> list[dict]:
+def param_groups(model: torch.nn.Module, args: TrainArguments) -> list[dict]:
     """AdamW groups: (decay, no-decay) x (backbone layer, head), each with an ``lr_scale``.
 
     ``lr_scale`` = ``head_lr_multiplier`` for the classifier, ``layer_decay ** (depth + 1 - layer_id)`` for the
@@ -75,7 +75,7 @@ def param_groups(model: torch.nn.Module, args: TrainingArguments) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.AdamW:
     groups = param_groups(model, args)
     for g in groups:
         g["lr"] = args.learning_rate * g["lr_scale"]
@@ -120,7 +120,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, start: fl
     return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int,
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArguments, total_steps: int,
                     warmup_steps: int) -> LambdaLR:
     """Per-step schedule shared by all groups (each scaled by its ``lr_scale``); step it once per optimizer step."""
     peak = args.learning_rate

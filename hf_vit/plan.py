@@ -60,7 +60,7 @@ class DataFacts:
             unit_rows = stream_unit_rows(splits, args)
             reshard = getattr(splits.train, "reshard", None)
             units = len(unit_rows) if unit_rows else (reshard().num_shards if reshard else splits.train.num_shards)
-        files = local_data_files(args, args.train_split)
+        files = local_data_files(splits.source or args, args.train_split)
         size = sum(os.path.getsize(f) for f in files) if files and all(os.path.isfile(f) for f in files) else None
         return cls(splits.num_train_examples, splits.num_eval_examples, len(splits.label_names), streaming,
                    splits.info.get("num_examples_in_split"), unit_rows, units, size, splits.num_train_examples_source,

@@ -23,7 +23,7 @@ from hf_vit.checkpoint import complete_checkpoints
 from hf_vit.errors import UserError, raise_user_errors, run_cli
 from hf_vit.hub import HubPusher, run_files
 from hf_vit.manifest import verify_manifest
-from hf_vit.run_dir import COMMIT, FINISHED, LOCK, check_output_dir, created_by_hf_vit
+from hf_vit.run_dir import COMMIT, FINISHED, LOCK, check_output_dir_available, created_by_hf_vit
 
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -55,7 +55,7 @@ def _check_checkpoint(path: Path) -> None:
 
 def _check_finished_run(run_dir: Path) -> list[str]:
     """The files a finished run may publish; a folder that is not one is a one-line UserError."""
-    check_output_dir(run_dir, overwrite=True, resuming=True)  # refuses a folder a live run holds (and a file)
+    check_output_dir_available(run_dir, overwrite=True, resuming=True)  # refuses a folder a live run holds (and a file)
     if (run_dir / COMMIT).exists():
         raise UserError(f"{str(run_dir)!r} holds final outputs whose commit was interrupted; run any hf_vit "
                         "command on it (e.g. resume it) to finish the commit, then push")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> str:
         checkpoint, run_dir = run_dir, run_dir.resolve().parent
         _check_checkpoint(checkpoint)
         if (run_dir / LOCK).exists():
-            check_output_dir(run_dir, overwrite=True, resuming=True)  # a live run's folder: refused
+            check_output_dir_available(run_dir, overwrite=True, resuming=True)  # a live run's folder: refused
     else:
         _check_finished_run(run_dir)
         if args.include_checkpoints:

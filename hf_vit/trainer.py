@@ -28,7 +28,7 @@ from .models import build_model, check_fits_in_memory, is_vit, model_config, num
 from .optim import EMA, build_optimizer, build_scheduler, classification_loss, is_head
 from .outputs import hardware_description, write_final_outputs
 from .plan import RunPlan, check_plan, make_plan
-from .run_dir import TRACKER_DIR, FinalOutputs, check_output_dir, prepare_output_dir, record_created
+from .run_dir import TRACKER_DIR, FinalOutputs, check_output_dir_available, prepare_output_dir, record_created
 from .runtime import Preemption, build_accelerator, configure_deepspeed, on_main_process, setup_logging
 from .scoring import eval_results, evaluate_classifier
 from .optim import step_unless
@@ -109,7 +109,7 @@ class Run:
                                train_args.output_dir)
         # Read-only here; the folder is locked (and, with overwrite, emptied of the previous run) only once everything
         # else has been checked, just before the first write (_begin).
-        on_main_process(acc, lambda: check_output_dir(train_args.output_dir, train_args.overwrite_output_dir,
+        on_main_process(acc, lambda: check_output_dir_available(train_args.output_dir, train_args.overwrite_output_dir,
                                                       resuming=train_args.resume_from_checkpoint is not None))
         self.lock = None
         set_seed(train_args.seed)
@@ -132,8 +132,8 @@ class Run:
         check_crop_padding(data_args.crop_padding, self.spec.image_size)  # the preset's size is known only now
 
         self.train_data = build_train_data(self.data, self.spec, data_args, plan.topology, train_args.seed, acc)
-        self.eval_data = build_eval_data(self.data, self.spec, data_args, train_args.per_device_eval_batch_size,
-                                         train_args.seed, acc)
+        self.eval_data = build_eval_data(self.data, self.spec, data_args.dataloader_num_workers,
+                                         train_args.per_device_eval_batch_size, train_args.seed, acc)
         self.steps_per_epoch, self.total_steps, self.warmup_steps = (plan.steps_per_epoch, plan.total_steps,
                                                                      plan.warmup_steps)
 

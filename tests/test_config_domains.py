@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from hf_vit.config import (DOMAINS, FIELD_TYPES, SECRET_KEYS, DataArguments, ModelArguments, RunConfig,
-                           TrainingArguments, check_fields, parse_config, save_config, validate)
+                           TrainArguments, check_fields, parse_config, save_config, validate)
 from hf_vit.errors import (SecretFilter, UserError, forget_secrets, install_secret_filter, is_secret_name,
                            raise_user_errors, register_secret, run_cli, scrub)
 
@@ -53,9 +53,9 @@ def recipe(tmp_path, text: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ the table
 def test_every_field_declares_its_domain_and_every_default_lies_in_it():
-    fields = {f.name for g in (ModelArguments, DataArguments, TrainingArguments) for f in dataclasses.fields(g)}
+    fields = {f.name for g in (ModelArguments, DataArguments, TrainArguments) for f in dataclasses.fields(g)}
     assert set(DOMAINS) == set(FIELD_TYPES) == fields
-    check_fields(RunConfig(ModelArguments(), DataArguments(), TrainingArguments()))
+    check_fields(RunConfig(ModelArguments(), DataArguments(), TrainArguments()))
     validate(parse_config([]))
 
 
@@ -217,9 +217,9 @@ def test_recipe_values_in_their_natural_yaml_form_are_accepted(tmp_path):
 
 def test_validate_checks_a_config_built_in_code_too():
     with pytest.raises(UserError, match=r"learning_rate must be a number \(got '0.1'\)"):
-        validate(RunConfig(ModelArguments(), DataArguments(), TrainingArguments(learning_rate="0.1")))
+        validate(RunConfig(ModelArguments(), DataArguments(), TrainArguments(learning_rate="0.1")))
     with pytest.raises(UserError, match="freeze_backbone must be true or false"):
-        validate(RunConfig(ModelArguments(freeze_backbone="no"), DataArguments(), TrainingArguments()))
+        validate(RunConfig(ModelArguments(freeze_backbone="no"), DataArguments(), TrainArguments()))
 
 
 def test_no_args_file_next_to_the_script_adds_arguments(tmp_path, monkeypatch):

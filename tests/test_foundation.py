@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
 from conftest import REPO, TINY_ARGS, run_script
-from hf_vit.config import ModelArguments, TrainingArguments, parse_config, resolve_batch_sizes, save_config
+from hf_vit.config import ModelArguments, TrainArguments, parse_config, resolve_batch_sizes, save_config
 from hf_vit.errors import UserError
 from hf_vit.models import PRESETS, build_config, num_parameters, training_flops_per_image
 from hf_vit.optim import build_optimizer, build_scheduler, lr_at, param_groups
@@ -60,7 +60,7 @@ def test_lr_at_warmup_start_warmup_end_mid_cosine_and_last_step():
 
 def test_scheduler_drives_the_optimizer_lr_per_step():
     model = ViTForImageClassification(build_config(ModelArguments(model_preset="vit_tiny_cifar"), LABELS))
-    args = TrainingArguments(learning_rate=1e-3, warmup_start_lr=1e-6, min_lr=1e-5)
+    args = TrainArguments(learning_rate=1e-3, warmup_start_lr=1e-6, min_lr=1e-5)
     opt = build_optimizer(model, args)
     sched = build_scheduler(opt, args, total_steps=50, warmup_steps=5)
     seen = []
@@ -76,7 +76,7 @@ def test_scheduler_drives_the_optimizer_lr_per_step():
 
 def test_parameter_groups_exclude_biases_norms_position_embeddings_and_cls_from_weight_decay():
     model = ViTForImageClassification(build_config(ModelArguments(model_preset="vit_tiny_cifar"), LABELS))
-    groups = param_groups(model, TrainingArguments(weight_decay=0.05))
+    groups = param_groups(model, TrainArguments(weight_decay=0.05))
     decay = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
     no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["param_names"]}
     assert decay | no_decay == {n for n, _ in model.named_parameters()} and not decay & no_decay
@@ -88,11 +88,11 @@ def test_parameter_groups_exclude_biases_norms_position_embeddings_and_cls_from_
 
 
 def test_global_batch_is_split_over_processes_and_accumulation():
-    args = TrainingArguments(total_train_batch_size=512, gradient_accumulation_steps=2)
+    args = TrainArguments(total_train_batch_size=512, gradient_accumulation_steps=2)
     resolve_batch_sizes(args, num_processes=8)
     assert args.per_device_train_batch_size == 32
     with pytest.raises(UserError, match="not divisible"):
-        resolve_batch_sizes(TrainingArguments(total_train_batch_size=100, gradient_accumulation_steps=3), 2)
+        resolve_batch_sizes(TrainArguments(total_train_batch_size=100, gradient_accumulation_steps=3), 2)
 
 
 def test_config_round_trip_recipe_plus_overrides(tmp_path):

@@ -20,7 +20,7 @@ from transformers import (AutoModelForImageClassification, ConvNextConfig, ConvN
                           ResNetConfig, ResNetForImageClassification, ViTImageProcessor)
 
 from conftest import REPO
-from hf_vit.config import ModelArguments, TrainingArguments, parse_config
+from hf_vit.config import ModelArguments, TrainArguments, parse_config
 from hf_vit.errors import UserError
 from hf_vit.models import (PRESETS, SUPPORTED_MODEL_TYPES, build_config, build_model, check_fits_in_memory, cost,
                            estimate_training_memory, is_vit, load_pretrained, model_config, model_family,
@@ -222,7 +222,7 @@ def test_memory_estimate_of_vit_b16_at_batch_256_takes_under_a_second():
                                           ("cnn_tiny_cifar", {"classifier.weight", "classifier.bias"})])
 def test_cnn_optimizer_groups_find_the_head_and_skip_weight_decay_on_norms_biases_and_layer_scales(preset, head):
     model = build_model(tiny_args(preset), LABELS)
-    groups = build_optimizer(model, TrainingArguments(learning_rate=1e-3, weight_decay=0.05,
+    groups = build_optimizer(model, TrainArguments(learning_rate=1e-3, weight_decay=0.05,
                                                       head_lr_multiplier=10)).param_groups
     by_name = {n: g for g in groups for n in g["param_names"]}
     assert set(by_name) == {n for n, _ in model.named_parameters()}
@@ -243,7 +243,7 @@ def test_cnn_optimizer_groups_find_the_head_and_skip_weight_decay_on_norms_biase
 def test_layer_decay_on_a_cnn_is_a_one_line_error(preset):
     model = build_model(tiny_args(preset), LABELS)
     with pytest.raises(UserError) as err:
-        param_groups(model, TrainingArguments(layer_decay=0.75))
+        param_groups(model, TrainArguments(layer_decay=0.75))
     assert "layer_decay applies to ViT models only" in str(err.value) and "\n" not in str(err.value)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import ViTConfig, ViTForImageClassification
 
-from hf_vit.config import TrainingArguments
+from hf_vit.config import TrainArguments
 from hf_vit.optim import EMA, build_optimizer, build_scheduler, classification_loss, param_groups, step_unless
 
 DEPTH = 3
@@ -48,7 +48,7 @@ def expected_layer(name: str) -> int:
 
 def test_head_runs_at_multiplied_lr_with_the_same_warmup_cosine_shape():
     # Fine-tuning recipe values; 101 steps so warmup ends at step 10 and the cosine midpoint is step 55.
-    args = TrainingArguments(learning_rate=2e-4, warmup_start_lr=1e-6, min_lr=1e-6, head_lr_multiplier=10)
+    args = TrainArguments(learning_rate=2e-4, warmup_start_lr=1e-6, min_lr=1e-6, head_lr_multiplier=10)
     model = tiny_vit()
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, total_steps=101, warmup_steps=10)
@@ -80,7 +80,7 @@ def test_head_runs_at_multiplied_lr_with_the_same_warmup_cosine_shape():
 
 
 def test_layer_decay_scales_each_block_by_decay_to_the_depth_minus_its_index():
-    args = TrainingArguments(learning_rate=1e-3, warmup_start_lr=1e-3, min_lr=1e-3, layer_decay=0.5,
+    args = TrainArguments(learning_rate=1e-3, warmup_start_lr=1e-3, min_lr=1e-3, layer_decay=0.5,
                              head_lr_multiplier=3)
     model = tiny_vit()
     optimizer = build_optimizer(model, args)
@@ -104,7 +104,7 @@ def test_layer_decay_scales_each_block_by_decay_to_the_depth_minus_its_index():
 
 
 def test_without_layer_decay_the_whole_backbone_shares_one_lr():
-    args = TrainingArguments(learning_rate=1e-3, head_lr_multiplier=10)
+    args = TrainArguments(learning_rate=1e-3, head_lr_multiplier=10)
     groups = param_groups(tiny_vit(), args)
     assert len(groups) == 4  # (backbone, head) x (decay, no decay)
     assert {g["lr_scale"] for g in groups if not g["is_head"]} == {1.0}
@@ -112,7 +112,7 @@ def test_without_layer_decay_the_whole_backbone_shares_one_lr():
 
 
 def test_no_weight_decay_on_biases_norms_position_embeddings_and_cls_token():
-    args = TrainingArguments(weight_decay=0.05, layer_decay=0.8)
+    args = TrainArguments(weight_decay=0.05, layer_decay=0.8)
     model = tiny_vit()
     by_name = group_of(build_optimizer(model, args))
     exempt = set()
@@ -132,7 +132,7 @@ def test_frozen_backbone_leaves_only_the_classifier_to_the_optimizer():
     model = tiny_vit()
     for name, p in model.named_parameters():  # what freeze_backbone does in the trainer
         p.requires_grad = name.startswith("classifier.")
-    optimizer = build_optimizer(model, TrainingArguments(head_lr_multiplier=10, layer_decay=0.75))
+    optimizer = build_optimizer(model, TrainArguments(head_lr_multiplier=10, layer_decay=0.75))
     assert set(group_of(optimizer)) == {"classifier.weight", "classifier.bias"}
 
 
@@ -254,7 +254,7 @@ def test_step_unless_skips_on_the_flag_leaving_weights_and_adamw_state_untouched
 
 
 def test_the_optimizer_is_fused_on_the_cpu_too():
-    assert build_optimizer(tiny_vit(), TrainingArguments()).defaults["fused"] is True
+    assert build_optimizer(tiny_vit(), TrainArguments()).defaults["fused"] is True
 
 
 def test_smoothed_cross_entropy_matches_a_hand_computation_for_hard_targets():

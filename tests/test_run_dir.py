@@ -19,7 +19,7 @@ import pytest
 from hf_vit import run_dir
 from hf_vit.errors import UserError
 from hf_vit.run_dir import (COMMIT, FINISHED, LOCK, RECORD, STAGING, FinalOutputs, RunLock, atomic_write,
-                            check_output_dir, created_by_hf_vit, prepare_output_dir, record_created,
+                            check_output_dir_available, created_by_hf_vit, prepare_output_dir, record_created,
                             recover_final_outputs)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -425,6 +425,6 @@ def test_recovery_reports_nothing_on_a_clean_folder(tmp_path):
 def test_check_output_dir_writes_nothing_on_success(tmp_path):
     out = finished_run(tmp_path / "out")
     before = snapshot(out)
-    check_output_dir(out, overwrite=False, resuming=True)
-    check_output_dir(tmp_path / "absent", overwrite=False, resuming=False)
+    check_output_dir_available(out, overwrite=False, resuming=True)
+    check_output_dir_available(tmp_path / "absent", overwrite=False, resuming=False)
     assert snapshot(out) == before and not (tmp_path / "absent").exists()

@@ -1,11 +1,11 @@
 """Which values a run's configuration may hold, and the checks that refuse the rest.
 
-Every field's valid values are declared once, in :data:`DOMAINS` (its type comes from the annotation: int, float,
-str, bool, Literal, Optional), and checked in one place, :func:`check_fields`: ``parse_config`` checks them as it
-parses, and :func:`validate` — which the trainer calls before anything is loaded or written — checks them again
-together with the relations between fields and the output folder. A bad value is a one-line :class:`UserError` that
-names the field, the value and what is allowed. Importing this module raises RuntimeError if a field of the argument
-groups has no :data:`DOMAINS` entry.
+Every field's valid values are declared with the field (:func:`hf_vit.config.domains.setting`; its type comes from
+the annotation: int, float, str, bool, Literal, Optional) and checked in one place, :func:`check_fields`:
+``parse_config`` checks them as it parses, and :func:`validate` — which the trainer calls before anything is loaded or
+written — checks them again together with the relations between fields and the output folder. A bad value is a
+one-line :class:`UserError` that names the field, the value and what is allowed. Importing this module raises
+RuntimeError if a field of the argument groups was declared without a domain.
 """
 
 from __future__ import annotations
@@ -16,130 +16,30 @@ import os
 import re
 import reprlib
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..errors import MASK, UserError, is_secret_name
-from .groups import ARG_GROUPS, RunConfig, TrainingArguments
+from .domains import MAX_COUNT, Domain, domain_of
+from .groups import ARG_GROUPS, RunConfig, TrainArguments
 
 
-# ------------------------------------------------------------------------------------------------ field domains
-# Counts (sizes, steps, samples, limits) stop at the int32 range: torch and numpy index with 32- or 64-bit integers,
-# nothing here counts past 2**31, and a bigger number can only be a typo (an exponent, a pasted hash).
-MAX_COUNT = 2**31 - 1
-# Seeds: numpy (seeded by accelerate's set_seed) refuses anything outside [0, 2**32), and data_on_device seeds torch
-# with seed x ~1e12 + position (data/keys.py position_seed), which must stay below torch's 2**64: 2**24 keeps it there.
-MAX_SEED = 2**24 - 1
-# A million passes over the data is no schedule anyone means; far beyond it, epochs x steps per epoch overflows the
-# float that the step count is computed from.
-MAX_EPOCHS = 1_000_000
-# Loader worker processes per training process: more than the cores of the largest machines can only be a typo, and
-# each worker is a forked process.
-MAX_WORKERS = 256
-
-
-@dataclass(frozen=True)
-class Domain:
-    """The values one field accepts beyond its annotated type.
-
-    Numbers: the interval ``low..high`` (each end included unless ``*_open``); no ``high`` means any finite value.
-    Strings: non-empty unless ``allow_empty``. ``words``: a string field that also takes a count
-    (``checkpointing_steps``: a whole number of steps >= 1, or one of these words). bool and Literal fields need
-    nothing beyond their type.
-    """
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    allow_empty: bool = False
-    words: tuple[str, ...] = ()
-
-    def contains(self, x: float) -> bool:
-        if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
-            return False
-        if self.high is None:
-            return math.isfinite(x)
-        return x < self.high or (not self.high_open and x == self.high)
-
-    def describe(self, integer: bool) -> str:
-        if self.high is None:
-            if self.low == 0 and self.low_open:
-                return "positive and finite"
-            return f"{'>' if self.low_open else '>='} {_number(self.low)} and finite"
-        interval = (f"{'(' if self.low_open else '['}{_number(self.low)}, "
-                    f"{_number(self.high)}{')' if self.high_open else ']'}")
-        return f"an integer in {interval}" if integer else f"in {interval}"
-
-
-COUNT = Domain(1, MAX_COUNT)
-SEED = Domain(0, MAX_SEED)
-EPOCHS = Domain(0, MAX_EPOCHS)
-POSITIVE = Domain(0, low_open=True)
-NON_NEGATIVE = Domain(0)
-FRACTION = Domain(0, 1)  # a probability or fraction, both ends allowed
-# 1 would zero every activation (dropout), erase the label (smoothing), freeze Adam's moment estimates (betas).
-BELOW_ONE = Domain(0, 1, high_open=True)
-TEXT = Domain()  # a non-empty string (or null where the field is Optional)
-ANY = Domain()  # bool and Literal fields: the type says it all
-
-DOMAINS: dict[str, Domain] = {
-    # ModelArguments (relations to the preset, such as image_size % patch_size, are models.py's)
-    "model_preset": TEXT, "model_name_or_path": TEXT,
-    "image_size": COUNT, "patch_size": COUNT, "hidden_size": COUNT, "num_hidden_layers": COUNT,
-    "num_attention_heads": COUNT, "intermediate_size": COUNT,
-    "hidden_dropout_prob": BELOW_ONE, "attention_probs_dropout_prob": BELOW_ONE,
-    "freeze_backbone": ANY, "trust_remote_code": ANY,
-    # DataArguments
-    "dataset_name": TEXT, "dataset_config_name": TEXT, "train_split": TEXT,
-    "eval_split": Domain(allow_empty=True),  # "" = no eval split: carve train_val_split from train
-    "train_val_split": Domain(0, MAX_COUNT),  # a fraction below 1, else a count (whole: see validate)
-    "image_column_name": TEXT, "label_column_name": TEXT, "streaming": ANY,
-    "train_samples": COUNT, "shuffle_buffer_size": COUNT, "stream_sharding": ANY,
-    "train_fraction": Domain(0, 1, low_open=True), "subset_seed": SEED,
-    "max_train_samples": COUNT, "max_eval_samples": COUNT, "augmentation": ANY,
-    "crop_padding": Domain(0, MAX_COUNT),  # below image_size too: see check_crop_padding
-    "random_resized_crop_scale": Domain(0, 1, low_open=True),  # a crop of no area, or more than the image, is none
-    "random_erasing_prob": FRACTION, "mixup_alpha": NON_NEGATIVE, "cutmix_alpha": NON_NEGATIVE,
-    "dataloader_num_workers": Domain(0, MAX_WORKERS), "data_on_device": ANY, "decode_on_device": ANY,
-    "max_bad_sample_fraction": FRACTION,
-    # TrainingArguments
-    "output_dir": TEXT, "overwrite_output_dir": ANY, "seed": SEED,
-    "total_train_batch_size": COUNT, "per_device_train_batch_size": COUNT, "gradient_accumulation_steps": COUNT,
-    "per_device_eval_batch_size": COUNT,
-    "num_train_epochs": EPOCHS,  # 0 only with max_train_steps (see validate)
-    "max_train_steps": COUNT, "learning_rate": POSITIVE, "warmup_epochs": EPOCHS,
-    "warmup_start_lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
-    "adam_beta1": BELOW_ONE, "adam_beta2": BELOW_ONE, "adam_epsilon": POSITIVE,
-    "head_lr_multiplier": POSITIVE, "layer_decay": Domain(0, 1, low_open=True), "label_smoothing": BELOW_ONE,
-    "max_grad_norm": NON_NEGATIVE,  # 0 (or null) turns clipping off
-    "ema_decay": Domain(0, 1, low_open=True, high_open=True), "mixed_precision": ANY, "torch_compile": ANY,
-    "dry_run": ANY,
-    "eval_steps": COUNT, "logging_steps": COUNT, "checkpointing_steps": Domain(words=("epoch", "no")),
-    "resume_from_checkpoint": TEXT, "checkpoints_total_limit": COUNT, "max_nonfinite_steps": COUNT,
-    "resume_accept_changes": TEXT,  # identity keys, checked against the checkpoint's at resume
-    "report_to": TEXT, "push_to_hub": ANY, "hub_model_id": TEXT, "hub_private_repo": ANY, "hub_strategy": ANY,
-    "hub_token": TEXT,
-}
-
-
-def _field_types() -> dict[str, tuple[object, bool]]:
-    """``{field: (type, optional)}`` from the declared annotations (HfArgumentParser rewrites ``field.type``)."""
+def field_types(group: type) -> dict[str, tuple[object, bool]]:
+    """``{field: (type, optional)}`` of one dataclass, from its declared annotations (HfArgumentParser rewrites
+    ``field.type``)."""
     types = {}
-    for group in ARG_GROUPS:
-        for name, hint in typing.get_type_hints(group).items():
-            args = typing.get_args(hint)
-            optional = typing.get_origin(hint) is typing.Union and type(None) in args
-            types[name] = (next(a for a in args if a is not type(None)) if optional else hint, optional)
+    for name, hint in typing.get_type_hints(group).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) is typing.Union and type(None) in args
+        types[name] = (next(a for a in args if a is not type(None)) if optional else hint, optional)
     return types
 
 
-FIELD_TYPES = _field_types()
-if set(DOMAINS) != set(FIELD_TYPES):  # a new field must say which values it takes
-    raise RuntimeError(f"DOMAINS and the argument groups differ: {sorted(set(DOMAINS) ^ set(FIELD_TYPES))}")
+# Views of the run's settings by name, derived from their declarations (groups.py): the type and the domain.
+FIELD_TYPES = {name: kind for group in ARG_GROUPS for name, kind in field_types(group).items()}
+DOMAINS = {f.name: domain_of(f) for group in ARG_GROUPS for f in dataclasses.fields(group)}
 
 _repr = reprlib.Repr()
 _repr.maxstring, _repr.maxother, _repr.maxlevel, _repr.maxlist, _repr.maxdict = 80, 80, 3, 6, 6
@@ -152,19 +52,17 @@ def _show(name: str, value: object) -> str:
     return "null" if value is None else _repr.repr(value)
 
 
-def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
 def _type_words(kind: object, optional: bool) -> str:
     words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
     return f"{words} or null" if optional else words
 
 
-def check_value(name: str, value: object) -> None:
-    """Check one field's value against its declared type and :data:`DOMAINS` entry; a one-line UserError if not."""
-    kind, optional = FIELD_TYPES[name]
-    domain, shown = DOMAINS[name], _show(name, value)
+def check_value(name: str, value: object, declared: tuple[object, bool, Domain] | None = None) -> None:
+    """Check one setting's value against its declared type and domain; a one-line UserError if not. ``declared``:
+    ``(type, optional, domain)`` of a field outside the run's argument groups (another command's); else the run's
+    setting ``name``."""
+    kind, optional, domain = declared or (*FIELD_TYPES[name], DOMAINS[name])
+    shown = _show(name, value)
     if value is None and optional:
         return
     if typing.get_origin(kind) is Literal:
@@ -209,11 +107,13 @@ def _check_steps_or_words(name: str, value: object, domain: Domain) -> None:
 
 
 def check_fields(config: object) -> None:
-    """Check every field of a :class:`RunConfig` (or of one argument group) against its domain, in field order."""
+    """Check every field of a :class:`RunConfig`, or of any dataclass of settings (one argument group, eval's
+    arguments), against its declared type and domain, in field order."""
     groups = (config.model, config.data, config.train) if isinstance(config, RunConfig) else (config,)
     for group in groups:
+        types = field_types(type(group))
         for f in dataclasses.fields(group):
-            check_value(f.name, getattr(group, f.name))
+            check_value(f.name, getattr(group, f.name), (*types[f.name], domain_of(f)))
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -254,7 +154,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("trust_remote_code=true is not supported: the model is transformers' own "
                         "ViTForImageClassification and datasets load as parquet or image files, so no repository "
                         "code is ever needed; leave it off")
-    check_output_dir_path(t.output_dir)
+    check_output_dir_writable(t.output_dir)
     from ..run_dir import check_outside_dataset  # an output folder inside the data would become data
 
     check_outside_dataset(t.output_dir, d.dataset_name)
@@ -270,7 +170,7 @@ def check_crop_padding(crop_padding: int | None, image_size: int) -> None:
                         "mirrors at most image_size - 1 pixels); lower crop_padding")
 
 
-def check_output_dir_path(path: str) -> None:
+def check_output_dir_writable(path: str) -> None:
     """Refuse an ``output_dir`` that cannot become a writable folder: an existing file, a broken link, a folder
     without write permission, a path whose nearest existing ancestor is not a writable folder, or one the file
     system refuses to look up (a name too long, a loop of links). Only looks (stat and access); never creates or
@@ -295,7 +195,7 @@ def check_output_dir_path(path: str) -> None:
         raise UserError(f"output_dir {path!r} cannot be used ({err.strerror or err}); choose another folder") from None
 
 
-def _check_hub_repo_id(t: TrainingArguments) -> None:
+def _check_hub_repo_id(t: TrainArguments) -> None:
     """A pushed run needs a valid Hub repository id: ``hub_model_id``, or the output folder's name (hub.py's
     default). Checked with huggingface_hub's own rule, before any training time is spent."""
     if t.hub_model_id is not None:

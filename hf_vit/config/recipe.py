@@ -9,20 +9,43 @@ reproduces the run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
+from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
 
+from .. import durable
 from ..errors import (UserError, is_secret_name, mask_argv, raise_user_errors, register_argv_secrets,
                       register_mapping_secrets, register_secret)
 from .checks import FIELD_TYPES, check_fields
+from .domains import DOMAIN_KEY
 from .groups import ARG_GROUPS, CONFIG_FILE_NAME, SECRET_KEYS, RunConfig
 
 
 # ------------------------------------------------------------------------------------------------ recipe and CLI
+class ArgumentParser(HfArgumentParser):
+    """transformers' HfArgumentParser for dataclasses declared with :func:`~hf_vit.config.domains.setting`: the flag,
+    type, default and help come from the field as usual; the field's domain stays out of argparse.
+
+    HfArgumentParser passes every metadata key of a field to ``argparse.add_argument`` (its static
+    ``_parse_dataclass_field(parser, field)``), which refuses a key it does not know, such as our domain.
+    ``tests/test_config_domains.py`` builds every command's parser, so a change to that method fails there.
+    """
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field: dataclasses.Field):
+        if DOMAIN_KEY in field.metadata:
+            stripped = dataclasses.field(default=field.default, default_factory=field.default_factory,
+                                         metadata={k: v for k, v in field.metadata.items() if k != DOMAIN_KEY})
+            stripped.name, stripped.type = field.name, field.type
+            field = stripped
+        HfArgumentParser._parse_dataclass_field(parser, field)
+
+
 class _DuplicateKey(Exception):
     pass
 
@@ -114,7 +137,7 @@ def parse_config(argv: list[str] | None = None, defaults: dict | None = None) ->
             del argv[i]
         recipe.update(load_recipe(path))
     # allow_abbrev=False: a misspelt prefix such as --learning_rat must be an error, not a silent match.
-    parser = raise_user_errors(HfArgumentParser(ARG_GROUPS, allow_abbrev=False))
+    parser = raise_user_errors(ArgumentParser(ARG_GROUPS, allow_abbrev=False))
     parser.add_argument("--config", help="YAML recipe; command-line flags override its values.")
     # Recipe values become parser defaults, so explicit flags still override them; secrets are set afterwards
     # instead, because --help prints every default.
@@ -137,11 +160,29 @@ def parse_config(argv: list[str] | None = None, defaults: dict | None = None) ->
 
 def save_config(cfg: RunConfig, output_dir: str, plan: dict | None = None) -> str:
     """Write the resolved config (without secrets) to ``output_dir/train_config.yaml``, with the run's plan under
-    ``run_plan`` (a record: read back as ``--config``, it is ignored); return the path."""
+    ``run_plan`` (a record: read back as ``--config``, it is ignored); return the path. Written through
+    :mod:`hf_vit.durable`: a kill leaves the previous file or the new one."""
     path = os.path.join(output_dir, CONFIG_FILE_NAME)
     record = cfg.to_dict()
     if plan is not None:
         record[PLAN_KEY] = plan
-    with open(path, "w") as f:
-        yaml.safe_dump(record, f, sort_keys=False)
+    durable.write_text(path, yaml.safe_dump(record, sort_keys=False))
     return path
+
+
+def run_config_path(run_dir: str | os.PathLike) -> Path | None:
+    """``RUN_DIR/train_config.yaml``; for a ``checkpoint-<N>`` folder without one, its run's; None when neither
+    exists."""
+    folder = Path(os.path.abspath(run_dir))
+    for candidate in (folder, folder.parent if re.fullmatch(r"checkpoint-\d+", folder.name) else None):
+        if candidate is not None and (candidate / CONFIG_FILE_NAME).is_file():
+            return candidate / CONFIG_FILE_NAME
+    return None
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict | None:
+    """The settings a run recorded (:func:`save_config`), as ``{field: value}`` without the ``run_plan`` record, from
+    ``RUN_DIR/train_config.yaml`` (a ``checkpoint-<N>`` folder: its run's); None when the run has none. Read by the
+    recipe rules (:func:`load_recipe`): an unreadable file, a duplicate or unknown key is a one-line UserError."""
+    path = run_config_path(run_dir)
+    return None if path is None else load_recipe(str(path))

@@ -23,13 +23,13 @@ from .batch import Batch, JpegPlanBatch
 from .decoding import open_image, to_rgb
 from .factory import EvalData, TrainData, build_eval_data, build_train_data, train_topology
 from .keys import augmentation_seed, epoch_order, example_key, in_subset, in_validation
-from .sources import DataSplits, describe, load_splits, open_dataset
+from .sources import DataSource, DataSplits, describe, load_splits, open_dataset
 from .transforms import (ImageSpec, batch_mixer, build_image_processor, eval_transform, image_processor_for, normalize,
                          train_transform)
 
 __all__ = [
-    "Batch", "DataSplits", "EvalData", "ImageSpec", "JpegPlanBatch", "TrainData", "augmentation_seed", "batch_mixer", "build_eval_data",
-    "build_image_processor", "build_train_data", "describe", "image_processor_for", "epoch_order", "eval_transform", "example_key",
-    "in_subset", "in_validation", "load_splits", "normalize", "open_dataset", "open_image", "train_topology",
-    "to_rgb", "train_transform",
+    "Batch", "DataSource", "DataSplits", "EvalData", "ImageSpec", "JpegPlanBatch", "TrainData", "augmentation_seed",
+    "batch_mixer", "build_eval_data", "build_image_processor", "build_train_data", "describe", "image_processor_for",
+    "epoch_order", "eval_transform", "example_key", "in_subset", "in_validation", "load_splits", "normalize",
+    "open_dataset", "open_image", "train_topology", "to_rgb", "train_transform",
 ]

@@ -92,7 +92,7 @@ def stream_unit_rows(splits: DataSplits, args: DataArguments) -> list[int] | Non
     parquet stream, from the footers alone; None when they cannot be known without reading the data."""
     if not args.streaming:
         return None
-    files = local_data_files(args, args.train_split)
+    files = local_data_files(splits.source or args, args.train_split)
     if not files or not all(f.endswith(".parquet") for f in files):
         return None
     import pyarrow.parquet as pq
@@ -126,12 +126,12 @@ def build_train_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, t
     return LoaderTrainData(stream, collate, topology.workers, device, finish)
 
 
-def build_eval_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, per_device_batch: int, seed: int,
+def build_eval_data(splits: DataSplits, spec: ImageSpec, workers: int, per_device_batch: int, seed: int,
                     state) -> EvalData | None:
-    """The eval data of a run (None when it has no eval split); ``state`` as for :func:`build_train_data`."""
+    """The eval data of a run or of the eval command (None when there is no eval split), read by ``workers`` loader
+    workers per process (``dataloader_num_workers``); ``state`` as for :func:`build_train_data`."""
     if splits.eval is None:
         return None
-    workers = args.dataloader_num_workers
     stream = ExampleStream(splits.eval, per_device_batch, state.process_index, state.num_processes, workers)
     collate = DecodeCollate(eval_transform(spec), splits.image_column, splits.label_column, len(splits.label_names),
                             seed, train=False)

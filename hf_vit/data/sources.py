@@ -23,18 +23,73 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import datasets
 
-from ..config import DataArguments, check_fields
+from ..config import ArgumentParser, DataArguments, check_fields
 from ..errors import UserError, raise_user_errors
-from ..hub import is_local_path
+from ..locations import local_path
 from .keys import example_key, in_subset, in_validation
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Which examples the data stage reads: the dataset, classified once as a local folder or a Hub id (``name`` as
+    the user gave it; ``local_path``: the folder, ``~`` expanded, or None for a Hub id), its configuration, the
+    splits and columns, the validation carve-out (``train_val_split`` of ``train_split`` when ``eval_split`` is
+    unset), the ``train_fraction`` subset, the epoch length of a stream, and the caps.
+
+    Built from a run's :class:`DataArguments` by :meth:`from_args`, or by :meth:`named` where a command reads data
+    that is not a run's (the eval command's split, a study's derived dataset). The field names are the settings'
+    (``hf_vit.config.groups``), where their meanings are documented.
+    """
+
+    name: str
+    local_path: str | None
+    config_name: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    train_val_split: float = 0.0
+    image_column_name: str | None = None
+    label_column_name: str | None = None
+    streaming: bool = False
+    train_fraction: float = 1.0
+    subset_seed: int = 0
+    train_samples: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    stream_sharding: Literal["exact", "shards"] = "shards"
+
+    @classmethod
+    def named(cls, name: str, **fields) -> DataSource:
+        """The dataset ``name`` (a Hub id or a local path, classified here), with ``fields`` as above."""
+        return cls(name, local_path(name), **fields)
+
+    @classmethod
+    def from_args(cls, args: DataArguments) -> DataSource:
+        """The source a run's data arguments describe."""
+        return cls.named(args.dataset_name, config_name=args.dataset_config_name, train_split=args.train_split,
+                         eval_split=args.eval_split, train_val_split=args.train_val_split,
+                         image_column_name=args.image_column_name, label_column_name=args.label_column_name,
+                         streaming=args.streaming, train_fraction=args.train_fraction, subset_seed=args.subset_seed,
+                         train_samples=args.train_samples, max_train_samples=args.max_train_samples,
+                         max_eval_samples=args.max_eval_samples, stream_sharding=args.stream_sharding)
+
+    @property
+    def local_folder(self) -> str | None:
+        """The local folder the dataset is, if it is one that exists."""
+        return self.local_path if self.local_path is not None and os.path.isdir(self.local_path) else None
+
+
+def as_source(data: DataSource | DataArguments) -> DataSource:
+    """``data`` as a :class:`DataSource`: a run's :class:`DataArguments` is described by :meth:`DataSource.from_args`."""
+    return data if isinstance(data, DataSource) else DataSource.from_args(data)
 
 
 @dataclass
@@ -50,27 +105,29 @@ class DataSplits:
     num_train_examples_source: str  # where that number came from (logged)
     num_eval_examples: int | None = None
     info: dict = field(default_factory=dict)
+    source: DataSource | None = None  # what was read (the later stages' one answer to "is it a local folder?")
 
 
-def open_dataset(args: DataArguments) -> datasets.DatasetDict | datasets.IterableDatasetDict:
-    """Every split of ``args.dataset_name`` (a Hub id, a local Hub-style folder, or a ``save_to_disk`` folder), streamed
-    when ``args.streaming``; a path that does not exist or a dataset that cannot load is a one-line error."""
-    name = os.path.expanduser(args.dataset_name)
-    if is_local_path(name) and not os.path.exists(name):
-        raise UserError(f"dataset path {args.dataset_name!r} does not exist; pass an existing folder or a Hub id")
+def open_dataset(data: DataSource | DataArguments) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """Every split of the dataset (a Hub id, a local Hub-style folder, or a ``save_to_disk`` folder), streamed
+    when ``streaming``; a path that does not exist or a dataset that cannot load is a one-line error."""
+    args = as_source(data)
+    name = args.local_path or args.name
+    if args.local_path is not None and not os.path.exists(name):
+        raise UserError(f"dataset path {args.name!r} does not exist; pass an existing folder or a Hub id")
     try:
-        if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+        if args.local_folder and os.path.isfile(os.path.join(name, "dataset_dict.json")):
             loaded = datasets.load_from_disk(name)  # written by save_to_disk
             if args.streaming:
                 loaded = datasets.IterableDatasetDict(
                     {k: v.to_iterable_dataset(num_shards=max(1, min(64, len(v) // 1000))) for k, v in loaded.items()})
             return loaded
-        return datasets.load_dataset(name, args.dataset_config_name, streaming=args.streaming)
+        return datasets.load_dataset(name, args.config_name, streaming=args.streaming)
     except (FileNotFoundError, ConnectionError, OSError, ValueError, datasets.exceptions.DatasetsError) as err:
         # DatasetsError: a folder whose files are no dataset (a run's checkpoint: JSON and pickles) fails to build.
         where = "local folder" if os.path.exists(name) else "Hub (unreachable offline: pass a local path instead)"
         raise UserError(
-            f"cannot load dataset {args.dataset_name!r} from the {where}: {str(err).splitlines()[0]}") from None
+            f"cannot load dataset {args.name!r} from the {where}: {str(err).splitlines()[0]}") from None
 
 
 def find_column(columns: list[str], requested: str | None, candidates: tuple[str, ...], what: str) -> str:
@@ -91,18 +148,20 @@ def find_column(columns: list[str], requested: str | None, candidates: tuple[str
     return found[0]
 
 
-def local_data_files(args: DataArguments, split: str) -> list[str]:
-    name = os.path.expanduser(args.dataset_name)
-    if not os.path.isdir(name) or os.path.isfile(os.path.join(name, "dataset_dict.json")):
+def local_data_files(data: DataSource | DataArguments, split: str) -> list[str]:
+    """The data files of ``split`` of a local Hub-style folder; [] for a Hub id or a ``save_to_disk`` folder."""
+    args = as_source(data)
+    name = args.local_folder
+    if name is None or os.path.isfile(os.path.join(name, "dataset_dict.json")):
         return []
     try:
-        builder = datasets.load_dataset_builder(name, args.dataset_config_name)
+        builder = datasets.load_dataset_builder(name, args.config_name)
         return [str(f) for f in (builder.config.data_files or {}).get(split, [])]
     except Exception:  # noqa: BLE001 - only an optimisation; callers fall back to a pass over the data
         return []
 
 
-def count_rows(args: DataArguments, split: str, ds) -> tuple[int | None, str]:
+def count_rows(args: DataSource, split: str, ds) -> tuple[int | None, str]:
     """Examples in a split: its length, else the dataset metadata, else the parquet footers of local files."""
     if isinstance(ds, datasets.Dataset):
         return len(ds), "dataset length"
@@ -127,7 +186,7 @@ def parquet_rows(path: str) -> int:
                         "remove it") from None
 
 
-def split_examples(args: DataArguments, split: str, ds, image_col: str, label_col: str):
+def split_examples(args: DataSource, split: str, ds, image_col: str, label_col: str):
     """Yield ``(key, label)`` for every example of a split without decoding an image.
 
     Reads only the path and label columns where it can — a map-style split's Arrow table, or local parquet files —
@@ -165,7 +224,7 @@ def split_examples(args: DataArguments, split: str, ds, image_col: str, label_co
             yield example_key(image), label
 
 
-def open_train(args: DataArguments, loaded=None):
+def open_train(args: DataSource, loaded=None):
     """Load the dataset (unless ``loaded`` already holds it) and find the train split's image and label columns
     (errors list what exists)."""
     loaded = open_dataset(args) if loaded is None else loaded
@@ -207,14 +266,16 @@ def undecoded(ds, image_col: str, label_col: str):
     return ds.remove_columns([c for c in ds.column_names if c not in keep]) if ds.column_names else ds
 
 
-def load_splits(args: DataArguments, seed: int, loaded=None) -> DataSplits:
-    """Load train/eval splits with images left undecoded (decoding happens in the loader workers).
+def load_splits(data: DataSource | DataArguments, seed: int, loaded=None) -> DataSplits:
+    """Load the train/eval splits of ``data`` (a :class:`DataSource`, or a run's DataArguments) with images left
+    undecoded (decoding happens in the loader workers).
 
     Also settles the number of training examples per epoch (for the LR schedule) and says where it came from: the
     length of a map-style split; when streaming, ``train_samples`` if given, else an exact count over the keys of a
     local dataset, else the Hub metadata (an estimate once ``train_val_split``/``train_fraction`` filter the stream).
     ``loaded``: the result of :func:`open_dataset` when the caller has already opened the dataset.
     """
+    args = as_source(data)
     loaded, raw_train, image_col, label_col, label_names = open_train(args, loaded)
 
     def prepare(ds):
@@ -247,8 +308,7 @@ def load_splits(args: DataArguments, seed: int, loaded=None) -> DataSplits:
         n_eval = len(eval_ds) if isinstance(eval_ds, datasets.Dataset) else n_eval
     elif args.train_samples is not None:
         n_train, source = args.train_samples, "train_samples"
-    elif os.path.isdir(os.path.expanduser(args.dataset_name)) and (val_frac or args.train_fraction < 1
-                                                                   or n_total is None):
+    elif args.local_folder and (val_frac or args.train_fraction < 1 or n_total is None):
         # A local stream: count exactly (keys only, nothing decoded), so the epoch length is not an estimate.
         n_train = n_val = 0
         for key, _ in split_examples(args, args.train_split, prepare(raw_train), image_col, label_col):
@@ -282,11 +342,11 @@ def load_splits(args: DataArguments, seed: int, loaded=None) -> DataSplits:
         n_eval = min(n_eval, args.max_eval_samples) if n_eval is not None else args.max_eval_samples
     if n_train is None:
         raise UserError(
-            f"the number of training examples per epoch of {args.dataset_name!r} is unknown when streaming; "
+            f"the number of training examples per epoch of {args.name!r} is unknown when streaming; "
             "set --train_samples (used for the LR schedule)"
         )
     info = {"num_examples_in_split": n_total, "validation_fraction": val_frac}
-    return DataSplits(train, eval_ds, label_names, image_col, label_col, n_train, source, n_eval, info)
+    return DataSplits(train, eval_ds, label_names, image_col, label_col, n_train, source, n_eval, info, args)
 
 
 def select_subset(ds, image_col: str, fraction: float, subset_seed: int):
@@ -295,12 +355,13 @@ def select_subset(ds, image_col: str, fraction: float, subset_seed: int):
     return ds.filter(lambda img: in_subset(example_key(img), fraction, subset_seed), input_columns=[image_col])
 
 
-def describe(args: DataArguments) -> dict:
+def describe(data: DataSource | DataArguments) -> dict:
     """JSON-able summary of the training split and of its ``train_fraction`` subset, without decoding an image.
 
     ``subset_fingerprint`` is a SHA-256 over the sorted keys of the selected examples: two users whose fingerprints
     match train on the same examples (before the ``train_val_split`` carve-out, which then depends on ``seed``).
     """
+    args = as_source(data)
     _, raw_train, image_col, label_col, label_names = open_train(args)
     counts = [0] * len(label_names)
     selected, total, bad_labels = [], 0, 0
@@ -318,7 +379,7 @@ def describe(args: DataArguments) -> dict:
     for key in selected:
         hasher.update(key.encode() + b"\n")
     summary = {
-        "dataset_name": args.dataset_name,
+        "dataset_name": args.name,
         "split": args.train_split,
         "streaming": args.streaming,
         "num_examples": total,
@@ -340,12 +401,10 @@ def describe(args: DataArguments) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """``python -m hf_vit.data describe --dataset_name NAME [--train_fraction F] [--streaming]``: print
     :func:`describe` as JSON."""
-    from transformers import HfArgumentParser
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "describe":
         raise UserError("usage: python -m hf_vit.data describe --dataset_name NAME [--train_fraction F] [--streaming]")
-    parser = raise_user_errors(HfArgumentParser(DataArguments))
+    parser = raise_user_errors(ArgumentParser(DataArguments))
     (args,) = parser.parse_args_into_dataclasses(argv[1:])
     check_fields(args)
     print(json.dumps(describe(args), indent=2))

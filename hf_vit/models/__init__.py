@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForImageClassification, PreTrained
 
 from ..config import ModelArguments
 from ..errors import UserError
-from ..hub import is_local_path
+from ..locations import is_local_path
 from . import cnn, vit
 from .cost import (check_fits_in_memory, device_memory, estimate_training_memory, num_parameters,
                    training_flops_per_image)

@@ -12,7 +12,7 @@ itself, as before the split:
 * Final outputs (:mod:`~hf_vit.run_dir.final_outputs`). :class:`FinalOutputs` stages the model, results, card and
   plots and commits them so that a kill at any moment leaves the previous set or the new one.
 
-This module also checks a folder before a run uses it (:func:`check_output_dir`) and opens it for the run
+This module also checks a folder before a run uses it (:func:`check_output_dir_available`) and opens it for the run
 (:func:`prepare_output_dir`); :mod:`~hf_vit.run_dir.files` holds the file primitives (:func:`atomic_write`,
 :func:`fsync_dir`). Every name hf_vit keeps for its own bookkeeping starts with ``.hf_vit``; such entries are never
 foreign.
@@ -44,7 +44,7 @@ from .ownership import (BOOKKEEPING_PREFIX, FINAL_OUTPUTS, FINISHED, OUTPUT_NAME
 __all__ = [
     "BOOKKEEPING_PREFIX", "COMMIT", "FINAL_OUTPUTS", "FINISHED", "FinalOutputs", "LOCK", "OUTPUT_NAMES", "RECORD",
     "RunLock", "STAGING", "TRACKER_DIR", "analysis_output_dir", "atomic_write", "check_analysis_output",
-    "check_output_dir", "check_outside_dataset", "created_by_hf_vit", "fsync_dir", "prepare_output_dir",
+    "check_output_dir_available", "check_outside_dataset", "created_by_hf_vit", "fsync_dir", "prepare_output_dir",
     "record_created", "recover_final_outputs",
 ]
 
@@ -80,7 +80,7 @@ def _has_checkpoint(out: Path) -> bool:
     return any(_CHECKPOINT.fullmatch(n) and (out / n / "trainer_state.json").is_file() for n in list_entries(out))
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool,
+def check_output_dir_available(output_dir: str | os.PathLike, overwrite: bool, resuming: bool,
                      finished_needs_checkpoint: bool = True) -> None:
     """Refuse, with a one-line UserError and without writing anything, an output_dir a run may not use: a file; a
     folder another live run holds; a run folder unless ``overwrite`` or ``resuming``; a non-empty folder that is not
@@ -117,12 +117,13 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming:
     """Open ``output_dir`` for a run and return the held :class:`RunLock` (release it, or use it as a context
     manager, when the run ends). Call on the main process only, before anything is written.
 
-    Runs :func:`check_output_dir`, takes the lock (creating the folder), checks again under the lock, finishes or
-    discards final outputs an interrupted run left (:func:`recover_final_outputs`), removes hf_vit's leftovers of
-    interrupted writes and deletions, and with ``overwrite`` (and not ``resuming``, which needs the checkpoints)
-    deletes every entry hf_vit created there — never a foreign one. Returns the lock; raises UserError.
+    Runs :func:`check_output_dir_available`, takes the lock (creating the folder), checks again under the lock,
+    finishes or discards final outputs an interrupted run left (:func:`recover_final_outputs`), removes hf_vit's
+    leftovers of interrupted writes and deletions, and with ``overwrite`` (and not ``resuming``, which needs the
+    checkpoints) deletes every entry hf_vit created there — never a foreign one. Returns the lock; raises UserError.
     """
-    check_output_dir(output_dir, overwrite, resuming, finished_needs_checkpoint=False)  # the run checked that first
+    # The run checked that first (finished_needs_checkpoint); this is the check again, right before the lock.
+    check_output_dir_available(output_dir, overwrite, resuming, finished_needs_checkpoint=False)
     lock = RunLock(output_dir, command).acquire()
     out = Path(output_dir)
     try:
