@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 
@@ -115,6 +116,35 @@ def test_saved_config_never_contains_the_hub_token(tmp_path):
     cfg = parse_config(["--hub_token", "hf_SECRET_abc", "--output_dir", str(tmp_path)])
     text = open(save_config(cfg, str(tmp_path))).read()
     assert "hf_SECRET_abc" not in text and "hub_token" not in text
+
+
+def _timeless(history: list[dict]) -> list[dict]:
+    """A log history without its wall-clock figures (the only values two identical runs may differ in)."""
+    return [{k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k and "time" not in k}
+            for entry in history]
+
+
+def test_train_config_passed_back_as_config_repeats_the_run_bit_for_bit(tmp_path, cifar10_path):
+    """The README's promise: ``train_config.yaml`` passed back as ``--config`` repeats the run. The first run leaves
+    the precision to the launcher (ACCELERATE_MIXED_PRECISION=bf16, as ``accelerate launch --mixed_precision bf16``
+    sets it), so the file must record the effective bf16, not the unset flag; the repeat runs without the launcher's
+    setting and must end with the same weights and the same log history."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    tiny = ["--max_train_samples", "96", "--max_eval_samples", "32", "--num_train_epochs", "1", "--logging_steps",
+            "1", "--dataloader_num_workers", "0", "--checkpointing_steps", "no"]
+    run_script(["run_finetune.py", *TINY_ARGS, *tiny, "--output_dir", str(first)],
+               env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    saved = yaml.safe_load((first / "train_config.yaml").read_text())
+    assert saved["mixed_precision"] == "bf16" and "run_plan" in saved
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_MIXED_PRECISION"}
+    run_script(["run_finetune.py", "--config", str(first / "train_config.yaml"), "--output_dir", str(again)], env=env)
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = [_timeless(json.loads((run / "log_history.json").read_text())) for run in (first, again)]
+    assert history[0] == history[1] and len(history[0]) >= 3
+    repeated = yaml.safe_load((again / "train_config.yaml").read_text())
+    assert {k: v for k, v in repeated.items() if k not in ("output_dir", "run_plan")} == \
+        {k: v for k, v in saved.items() if k not in ("output_dir", "run_plan")}
 
 
 @pytest.fixture(scope="module")
