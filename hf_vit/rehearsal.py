@@ -166,7 +166,7 @@ def record_for(dataset_name: str) -> DatasetRecord | None:
 
 def needs_stand_in(dataset_name: str) -> bool:
     """A Hub id (a rehearsal never downloads) or a local path that does not exist."""
-    from hf_vit.hub import is_local_path
+    from hf_vit.locations import is_local_path
 
     path = os.path.expanduser(dataset_name)
     return not (is_local_path(path) and os.path.exists(path))
