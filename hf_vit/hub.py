@@ -39,19 +39,6 @@ from hf_vit.locations import is_local_path  # noqa: F401 - hf_vit.rehearsal stil
 log = logging.getLogger("hf_vit.hub")
 
 STRATEGIES = ("end", "every_save", "checkpoint")
-# What a finished run publishes: the model, its card and its results. Everything else in output_dir (logs, caches,
-# checkpoints) stays local.
-FINAL_FILES = [
-    "*.safetensors",
-    "config.json",
-    "preprocessor_config.json",
-    "README.md",
-    "all_results.json",
-    "eval_results.json",
-    "train_config.yaml",
-    "*.png",
-    "log_history.json",
-]
 # The part of a checkpoint that is a usable model (as opposed to optimizer/scheduler/RNG state).
 MODEL_FILES = ["*.safetensors", "config.json", "preprocessor_config.json"]
 # huggingface_hub's `*` matches across "/", so "*/*" is what keeps an upload to the folder's top level; the other two
@@ -272,18 +259,20 @@ class HubPusher:
 
 def run_files(output_dir: str | os.PathLike) -> list[str]:
     """The top-level files of ``output_dir`` a push may publish: the committed final outputs its ownership record
-    names, plus ``train_config.yaml`` when the run created it — each only if it is a plain file that matches
-    :data:`FINAL_FILES`. Empty for a folder hf_vit did not write."""
-    from .run_dir.ownership import read_record
+    names, plus ``train_config.yaml`` when the run created it — each only if it is a plain file with the name of a
+    final output (:func:`hf_vit.run_dir.ownership.is_final_output`, the one list of them). Empty for a folder hf_vit
+    did not write. Everything else in output_dir (logs, caches, checkpoints) stays local."""
+    from .config import CONFIG_FILE_NAME
+    from .run_dir.ownership import is_final_output, read_record
 
     out = Path(output_dir)
     try:
         record = read_record(out)
     except UserError:
         return []
-    names = [*record["final"], *(["train_config.yaml"] if "train_config.yaml" in record["created"] else [])]
-    return sorted({n for n in names if "/" not in n and (out / n).is_file() and not (out / n).is_symlink()
-                   and any(fnmatch.fnmatch(n, p) for p in FINAL_FILES)})
+    names = [*(n for n in record["final"] if is_final_output(n)),
+             *([CONFIG_FILE_NAME] if CONFIG_FILE_NAME in record["created"] else [])]
+    return sorted({n for n in names if "/" not in n and (out / n).is_file() and not (out / n).is_symlink()})
 
 
 def checkpoint_files(checkpoint_dir: str | os.PathLike) -> list[str] | None:

@@ -35,8 +35,6 @@ from hf_vit.scoring import format_results_table
 # LIBRARY_TAG.
 CARD_TAGS = ["image-classification", "vision"]
 LIBRARY_TAG = "hf_vit"
-# How the card names a model family (config.json's model_type); other types are named by their model_type.
-FAMILY_NAMES = {"vit": "Vision Transformer", "resnet": "ResNet", "convnext": "ConvNeXt"}
 
 
 def new_figure(**kwargs) -> Figure:
@@ -212,6 +210,8 @@ def write_model_card(
 
     source = config.get("model_name_or_path")
     origin = f"fine-tuned from `{source}`" if source else "trained from scratch"
+    from hf_vit.models.presets import FAMILY_NAMES
+
     family = FAMILY_NAMES.get(model_type, model_type) if model_type else None
     architecture = f"{preset} ({family})" if preset and family else preset or family
     article = f"A {architecture}" if architecture else "An"

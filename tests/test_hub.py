@@ -33,7 +33,7 @@ FINAL = {
     "all_results.json",
     "eval_results.json",
     "train_config.yaml",
-    "loss.png",
+    "learning_curve.png",
     "log_history.json",
 }
 CHECKPOINT = {"model.safetensors", "config.json", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"}
@@ -115,6 +115,18 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def pusher(run_dir, api, **kwargs):
     return HubPusher(str(run_dir), hub_model_id="alice/vit-run", api=api, backoff_seconds=0.0, **kwargs)
+
+
+def test_a_sharded_model_goes_up_with_its_index_and_only_final_output_names_go_up(tmp_path):
+    """The files a push publishes are the run's final outputs by the one list (run_dir.ownership.FINAL_OUTPUTS, plus
+    the weight shards): a model too large for one file goes up with the index that names its shards."""
+    out = tmp_path / "big-run"
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    with prepare_output_dir(out, overwrite=False, resuming=False):
+        with FinalOutputs(out) as staging:
+            for name in [*shards, "model.safetensors.index.json", "config.json", "all_results.json", "notes.txt"]:
+                (staging / name).write_text("{}")
+    assert hub.run_files(out) == sorted([*shards, "all_results.json", "config.json", "model.safetensors.index.json"])
 
 
 def test_end_strategy_pushes_only_final_top_level_files_once(run_dir):

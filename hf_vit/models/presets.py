@@ -11,7 +11,9 @@ from . import cnn, vit
 
 PRESETS: dict[str, dict] = {**vit.PRESETS, **cnn.PRESETS}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = vit.MODEL_TYPES + cnn.MODEL_TYPES
-FAMILY_NAMES = {"vit": "ViT", "resnet": "ResNet", "convnext": "ConvNeXt"}
+# How a model family (config.json's model_type) is named in words: in messages and on the model card (hf_vit.report);
+# a type not listed is named by its model_type.
+FAMILY_NAMES = {"vit": "Vision Transformer", "resnet": "ResNet", "convnext": "ConvNeXt"}
 
 
 def model_family(config: PreTrainedConfig) -> str:

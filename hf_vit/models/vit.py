@@ -41,10 +41,6 @@ def check_architecture(image_size: int, patch_size: int, hidden_size: int, num_a
         raise UserError(f"image_size={image_size} is not divisible by patch_size={patch_size}; pick matching sizes")
 
 
-def check_config(config: ViTConfig) -> None:
-    check_architecture(config.image_size, config.patch_size, config.hidden_size, config.num_attention_heads)
-
-
 def training_flops_per_image(config: ViTConfig) -> float:
     """Training FLOPs per image ~= 3 x forward (backward costs about twice the forward).
 

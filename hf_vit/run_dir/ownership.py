@@ -26,11 +26,14 @@ RECORD = ".hf_vit_run.json"
 BOOKKEEPING_PREFIX = ".hf_vit"
 FINISHED = "all_results.json"  # present in output_dir only beside a complete set of final outputs
 TRACKER_DIR = "hf_vit"  # accelerate's tensorboard tracker logs into <project_dir>/<project name>
+# The one list of a run's final files: what hf_vit.outputs writes, FinalOutputs commits as a set, the ownership record
+# names as "final", and hf_vit.hub publishes (with the weight shards of a model too large for one file).
 FINAL_OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "preprocessor_config.json",
                  FINISHED, "eval_results.json", "log_history.json", "README.md", "learning_curve.png",
                  "confusion_matrix.png")
 OUTPUT_NAMES = frozenset({*FINAL_OUTPUTS, "train_config.yaml", TRACKER_DIR})
-_OUTPUT_PATTERN = re.compile(r"checkpoint-\d+(\.tmp|\.deleting\.tmp)?|model-\d+-of-\d+\.safetensors")
+_WEIGHT_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")  # save_pretrained's shards, named in the index
+_OUTPUT_PATTERN = re.compile(r"checkpoint-\d+(\.tmp|\.deleting\.tmp)?|" + _WEIGHT_SHARD.pattern)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 _DERIVED_SUFFIXES = (".deleting.tmp", ".tmp")
 
@@ -38,6 +41,11 @@ _DERIVED_SUFFIXES = (".deleting.tmp", ".tmp")
 def is_output_name(name: str) -> bool:
     """True for a top-level name a run writes (final outputs, ``train_config.yaml``, ``checkpoint-<N>[.tmp]``)."""
     return name in OUTPUT_NAMES or bool(_OUTPUT_PATTERN.fullmatch(name))
+
+
+def is_final_output(name: str) -> bool:
+    """True for the name of one of a run's final files (:data:`FINAL_OUTPUTS`, or a weight shard)."""
+    return name in FINAL_OUTPUTS or bool(_WEIGHT_SHARD.fullmatch(name))
 
 
 def is_bookkeeping(name: str) -> bool:
@@ -73,7 +81,7 @@ def read_record(out: Path) -> dict:
         if not _is_legacy_run(out):
             return {"created": [], "final": []}
         names = sorted({base_name(n) for n in list_entries(out) if is_output_name(n)})
-        return {"created": names, "final": [n for n in names if n in FINAL_OUTPUTS or n.startswith("model-")]}
+        return {"created": names, "final": [n for n in names if is_final_output(n)]}
     try:
         record = json.loads(text)
         return {"created": [str(n) for n in record["created"]], "final": [str(n) for n in record["final"]]}
