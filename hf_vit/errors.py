@@ -1,5 +1,5 @@
 """One exception type for every mistake a user can make, the wrapper that turns it into a one-line exit, and the one
-place that keeps secrets out of everything this process prints, logs or writes.
+home of the rules that keep secrets out of everything this process prints, logs or writes.
 
 Entry points run ``main`` through :func:`run_cli`: a :class:`UserError` prints ``error: <message>`` on stderr (once,
 from the main process) and exits with status 2 — no traceback, because the message already says what to fix.
@@ -9,7 +9,10 @@ token-like (:func:`is_secret_name`, which also catches misspellings such as ``--
 ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN`` environment variables, and anything shaped like a Hub token
 (``hf_`` + 20 or more letters and digits) whoever typed it. :func:`scrub` masks all three in a string; a
 :class:`UserError` scrubs its own message, :class:`SecretFilter` scrubs log records, and :func:`mask_argv` masks the
-values of token-like options when a message echoes the command line.
+values of token-like options when a message echoes the command line. The other modules use these rules: the config
+drops token-like fields from what it saves (:data:`hf_vit.config.SECRET_KEYS`), the model card drops token-like keys
+(:func:`is_secret_name`), and the Hub client scrubs the token it sends from the errors it reports (``scrub(...,
+held=...)``).
 """
 
 from __future__ import annotations
@@ -166,12 +169,17 @@ def known_secrets() -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
-def scrub(text: str) -> str:
+def scrub(text: str, held: Iterable[str | None] = ()) -> str:
     """``text`` with every known secret and every Hub-token-shaped string replaced by ``***``.
 
     A secret is masked where it stands as a word of its own, not inside a longer word: a token that happens to be
     an ordinary word ("train") must not turn ``per_device_train_batch_size`` into ``per_device_***_batch_size``.
+    ``held``: credentials the caller is sending right now (hf_vit.hub's token and ``HF_TOKEN``); those are masked
+    wherever they appear, inside a longer word too and whatever their length — a library's error may glue a token
+    to a URL or a header name, and a value the caller sends as a credential is no ordinary word.
     """
+    for secret in sorted({h for h in held if h}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
     secrets = known_secrets()
     if secrets:
         text = _secrets_pattern(tuple(secrets)).sub(MASK, text)

@@ -33,7 +33,7 @@ from typing import Callable, TypeVar
 
 from huggingface_hub import HfApi, snapshot_download
 
-from hf_vit.errors import UserError
+from hf_vit.errors import UserError, scrub
 from hf_vit.locations import is_local_path  # noqa: F401 - hf_vit.rehearsal still imports it from here
 
 log = logging.getLogger("hf_vit.hub")
@@ -50,15 +50,10 @@ MANIFEST_NAME = "manifest.json"
 T = TypeVar("T")
 
 
-def _scrub(text: str, secrets: list[str]) -> str:
-    # Hub errors can echo request details; a token must never reach a log line or a terminal.
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return " ".join(text.split())  # HTTP errors span several lines; keep log records and UserErrors to one line
-
-
-def _secrets(token: str | None) -> list[str]:
-    return [t for t in (token, os.environ.get("HF_TOKEN")) if t]
+def _error_line(err: Exception, token: str | None) -> str:
+    """A Hub error on one line, without the token sent (``token``, else ``HF_TOKEN``) or any other known secret: Hub
+    errors can echo request details, and HTTP errors span several lines."""
+    return " ".join(scrub(f"{type(err).__name__}: {err}", held=(token, os.environ.get("HF_TOKEN"))).split())
 
 
 class HubPusher:
@@ -246,7 +241,7 @@ class HubPusher:
                 self.last_url = str(getattr(info, "commit_url", info))
                 return info
             except Exception as err:  # any failure of the Hub or the network is worth a retry, none worth a crash
-                message = _scrub(f"{type(err).__name__}: {err}", _secrets(self._token))
+                message = _error_line(err, self._token)
                 if attempt == self.max_retries:
                     log.warning("Giving up pushing %s to the Hub after %d attempts: %s", what, attempt + 1, message)
                     self.failed_uploads.append(what)
@@ -301,7 +296,7 @@ def download_checkpoint(
     try:
         root = download(repo_id, allow_patterns=[f"{LAST_CHECKPOINT}/*"], token=token)
     except Exception as err:
-        message = _scrub(f"{type(err).__name__}: {err}", _secrets(token))
+        message = _error_line(err, token)
         raise UserError(
             f"could not download {LAST_CHECKPOINT}/ from the Hub repo {repo_id!r} ({message}); "
             "check the repo id and your login (hf auth login, or HF_TOKEN)"

@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_vit import durable
-from hf_vit.errors import UserError, raise_user_errors, run_cli
+from hf_vit.errors import UserError, is_secret_name, raise_user_errors, run_cli
 from hf_vit.scoring import format_results_table
 
 # The model card's tags; the family's tag (config.json's model_type: "vit", "resnet", ...) goes between these and
@@ -134,11 +134,11 @@ def _headline(results: dict[str, Any]) -> tuple[float | None, int | None, float 
 
 
 def _without_secrets(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` without any key containing "token", at any depth."""
+    """``config`` without any token-like key (:func:`hf_vit.errors.is_secret_name`), at any depth."""
     return {
         key: _without_secrets(value) if isinstance(value, dict) else value
         for key, value in config.items()
-        if "token" not in str(key).lower()
+        if not is_secret_name(str(key))
     }
 
 
@@ -172,7 +172,7 @@ def write_model_card(
     The YAML header carries the library, tags, dataset, and a ``model-index`` with the accuracy and top-k accuracy
     from ``results`` (the output of :func:`hf_vit.scoring.compute_metrics`, or the flat ``eval_*`` dict of
     ``all_results.json``), so ``ModelCard.load(...).data.eval_results`` reads them back. The body lists the
-    resolved hyper-parameters of ``config`` except any key containing "token", the hardware and training time,
+    resolved hyper-parameters of ``config`` except any token-like key, the hardware and training time,
     and the results table.
 
     ``model_type`` is the model's ``config.model_type`` ("vit", "resnet", "convnext", ...): it becomes a tag and names

@@ -429,6 +429,14 @@ def test_scrub_masks_overlapping_secrets_whole_and_leaves_plain_words_alone():
     assert scrub("checkpointing none, no, true") == "checkpointing none, no, true"
 
 
+def test_a_credential_the_caller_sends_is_masked_even_inside_a_longer_word():
+    """hf_vit.hub's rule, kept when it moved into errors.scrub: the token it sends is masked wherever it appears,
+    however short, while the registered secrets stay whole-word."""
+    assert scrub("Authorization: Bearerabc123x; url?t=abc123x", held=["abc123x", None]) == \
+        "Authorization: Bearer***; url?t=***"
+    assert scrub("Bearerabc123x") == "Bearerabc123x"  # not held, not registered: nothing to mask
+
+
 def test_run_cli_prints_a_multi_line_message_as_one_line():
     err = io.StringIO()
 
