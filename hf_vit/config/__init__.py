@@ -18,7 +18,7 @@ Importing the package raises RuntimeError if a field of the argument groups was 
 """
 
 from .checks import (DOMAINS, FIELD_TYPES, check_crop_padding, check_fields, check_output_dir_writable,
-                     check_value, field_types, validate)
+                     check_train_data_path, check_value, field_types, validate)
 from .domains import (ANY, BELOW_ONE, COUNT, EPOCHS, FRACTION, MAX_COUNT, MAX_EPOCHS, MAX_SEED, MAX_WORKERS,
                       NON_NEGATIVE, POSITIVE, SEED, TEXT, Domain, domain_of, setting, shared_setting)
 from .groups import (ARG_GROUPS, CONFIG_FILE_NAME, SECRET_KEYS, DataArguments, ModelArguments, RunConfig,
@@ -29,7 +29,7 @@ __all__ = [
     "ANY", "ARG_GROUPS", "ArgumentParser", "BELOW_ONE", "CONFIG_FILE_NAME", "COUNT", "DOMAINS", "DataArguments",
     "Domain", "EPOCHS", "FIELD_TYPES", "FRACTION", "MAX_COUNT", "MAX_EPOCHS", "MAX_SEED", "MAX_WORKERS",
     "ModelArguments", "NON_NEGATIVE", "POSITIVE", "RunConfig", "SECRET_KEYS", "SEED", "TEXT", "TrainArguments",
-    "check_crop_padding", "check_fields", "check_output_dir_writable", "check_value", "domain_of", "field_types",
-    "load_recipe", "parse_config", "read_run_config", "resolve_batch_sizes", "save_config", "setting",
-    "shared_setting", "validate",
+    "check_crop_padding", "check_fields", "check_output_dir_writable", "check_train_data_path", "check_value",
+    "domain_of", "field_types", "load_recipe", "parse_config", "read_run_config", "resolve_batch_sizes",
+    "save_config", "setting", "shared_setting", "validate",
 ]

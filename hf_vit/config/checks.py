@@ -140,15 +140,7 @@ def validate(cfg: RunConfig) -> None:
         check_crop_padding(d.crop_padding, m.image_size)
     if not m.model_preset and not m.model_name_or_path:
         raise UserError("give a model_preset or a model_name_or_path")
-    if d.decode_on_device and (d.crop_padding is not None or d.data_on_device):
-        raise UserError("decode_on_device applies to random-resized-crop (ImageNet-style) training; drop it, or drop "
-                        "--crop_padding/--data_on_device (CIFAR-style data is best served by data_on_device)")
-    if d.data_on_device and d.streaming:
-        raise UserError("data_on_device needs a map-style dataset that fits in memory; drop --streaming or "
-                        "--data_on_device")
-    if d.data_on_device and d.crop_padding is None:
-        raise UserError("data_on_device supports pad-and-crop training only (CIFAR-style); set --crop_padding "
-                        "(e.g. 4 at 32 px) or drop --data_on_device for random-resized crops")
+    check_train_data_path(d.streaming, d.crop_padding, d.data_on_device, d.decode_on_device)
     if m.trust_remote_code:
         # Refused rather than ignored: a flag that silently does nothing would let a user believe some code ran.
         raise UserError("trust_remote_code=true is not supported: the model is transformers' own "
@@ -168,6 +160,22 @@ def check_crop_padding(crop_padding: int | None, image_size: int) -> None:
     if crop_padding is not None and crop_padding >= image_size:
         raise UserError(f"crop_padding={crop_padding} must be smaller than image_size={image_size} (reflect padding "
                         "mirrors at most image_size - 1 pixels); lower crop_padding")
+
+
+def check_train_data_path(streaming: bool, crop_padding: int | None, data_on_device: bool,
+                          decode_on_device: bool) -> None:
+    """The preconditions of the train data paths (hf_vit.data.factory), in one place: ``validate`` checks them on
+    the settings, :class:`hf_vit.data.device_data.DeviceTrainData` on the dataset it is handed (``streaming``: not
+    a map-style split; ``crop_padding``: the resolved image spec's). A one-line UserError when they do not hold."""
+    if decode_on_device and (crop_padding is not None or data_on_device):
+        raise UserError("decode_on_device applies to random-resized-crop (ImageNet-style) training; drop it, or drop "
+                        "--crop_padding/--data_on_device (CIFAR-style data is best served by data_on_device)")
+    if data_on_device and streaming:
+        raise UserError("data_on_device needs a map-style dataset that fits in memory; drop --streaming or "
+                        "--data_on_device")
+    if data_on_device and crop_padding is None:
+        raise UserError("data_on_device supports pad-and-crop training only (CIFAR-style); set --crop_padding "
+                        "(e.g. 4 at 32 px) or drop --data_on_device for random-resized crops")
 
 
 def check_output_dir_writable(path: str) -> None:

@@ -39,7 +39,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..config import DataArguments
+from ..config import DataArguments, check_train_data_path
 from ..errors import UserError
 from .batch import Batch
 from .decoding import open_image, to_rgb
@@ -143,12 +143,8 @@ class DeviceTrainData:
     def __init__(self, ds, image_column: str, label_column: str, num_classes: int, spec: ImageSpec,
                  args: DataArguments, topology: Topology, rank: int, seed: int,
                  device: torch.device | str = "cpu", decode_threads: int | None = None):
-        if not isinstance(ds, datasets.Dataset):
-            raise UserError("data_on_device needs a map-style dataset that fits in memory; drop --streaming or "
-                            "--data_on_device")
-        if spec.crop_padding is None:
-            raise UserError("data_on_device supports pad-and-crop training only (CIFAR-style); set --crop_padding "
-                            "(e.g. 4 at 32 px) or drop --data_on_device for random-resized crops")
+        check_train_data_path(streaming=not isinstance(ds, datasets.Dataset), crop_padding=spec.crop_padding,
+                              data_on_device=True, decode_on_device=False)
         self.device = torch.device(device)
         self.topology, self.rank, self.seed = topology, rank, seed
         self.size, self.padding = spec.image_size, spec.crop_padding
