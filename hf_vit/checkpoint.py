@@ -117,7 +117,7 @@ def save(accelerator, output_dir: str, trainer_state: dict, model, processor, em
             if accelerator.is_main_process:
                 record_created(output_dir, name)  # before it exists: a kill can never leave an unowned checkpoint
                 if tmp.exists():
-                    shutil.rmtree(tmp)
+                    shutil.rmtree(tmp)  # raises: a leftover that cannot go must fail the save (os_errors says why)
     except UserError as err:
         failure = str(err)
     _agree(accelerator, failure, tmp)
@@ -156,7 +156,7 @@ def _agree(accelerator, failure: str | None, tmp: Path) -> None:
         accelerator.wait_for_everyone()
     if failure is not None:
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            durable.remove_partial(tmp)
         raise UserError(failure)
 
 
@@ -214,7 +214,7 @@ def rotate(output_dir: str, limit: int | None) -> None:
     run goes on (its new checkpoint is complete)."""
     for stale in Path(output_dir).glob("checkpoint-*.tmp"):
         if created_by_hf_vit(output_dir, stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
+            durable.remove_partial(stale)
     if limit is None or limit <= 0:
         return
     ours = [c for c in complete_checkpoints(output_dir) if created_by_hf_vit(output_dir, c.name)]

@@ -10,6 +10,7 @@ attention results, reports), so that each write has the same guarantees:
   written and flushed under a temporary name first, then all are renamed — so a failure while writing (a full disk)
   replaces none of them. :func:`publish_folder`: a whole folder written under a temporary name, flushed, and renamed
   into place (a checkpoint).
+* :func:`remove_partial`: a temporary entry that was never complete removed without ceremony.
 * :func:`delete`: an entry deleted only after every part of it was checked to be deletable (nothing is deleted when
   one part cannot be), a folder first renamed out of its name so a kill never leaves half of it under that name; a
   leftover of an interrupted deletion is deleted in place, never renamed again.
@@ -261,6 +262,19 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def remove_partial(path: str | os.PathLike) -> None:
+    """Remove, as far as possible and without raising, a temporary entry that was never complete (a checkpoint's
+    ``.tmp`` folder, a final-outputs staging folder): it is no result, so half of it left behind by a kill is only
+    space, which the next run's cleanup frees — no rename first, no check that all of it can go (:func:`delete` is
+    for entries that were complete)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def delete(path: str | os.PathLike, what: str = "hf_vit's own files") -> None:

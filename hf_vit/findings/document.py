@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hf_vit import durable
 from hf_vit.report import format_count, format_duration, format_epochs
 
 from .facts import RunFacts, format_accuracy, format_fraction, read_facts
@@ -163,8 +164,4 @@ The gap's SE is the eval accuracy's (the train accuracy averages over many more 
     if commands:
         text += "\n## How each run was made\n\n" + "\n".join(
             f"- `{name}`: `{command}`" for name, command in commands.items()) + "\n"
-    path = output_dir / "findings.md"
-    partial = output_dir / "findings.md.partial"
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return durable.write_text(output_dir / "findings.md", text)

@@ -344,6 +344,7 @@ class RunLock:
                            _describe(previous))
         self.holder = {"pid": os.getpid(), "host": socket.gethostname(),
                        "started": datetime.now().astimezone().isoformat(timespec="seconds"), "command": self.command}
+        # Written in place, not through durable.write_*: the lock is on this file's inode, which a rename would replace.
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(self.holder).encode(), 0)
         os.fsync(fd)

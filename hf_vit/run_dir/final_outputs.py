@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..durable import failure_message, fsync_dir, fsync_tree, is_write_failure, os_errors
+from ..durable import failure_message, fsync_dir, fsync_tree, is_write_failure, os_errors, remove_partial
 from ..errors import UserError
 from .files import atomic_write
 from .ownership import FINISHED, list_entries, owns, read_record, write_record
@@ -58,7 +58,7 @@ class FinalOutputs:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)  # frees what a full disk let us write
+            remove_partial(self.staging)  # frees what a full disk let us write
             if isinstance(exc, Exception) and not isinstance(exc, UserError) and is_write_failure(exc):
                 raise UserError(failure_message(exc, getattr(exc, "filename", None) or self.output_dir, _KEPT)) \
                     from None
@@ -80,7 +80,7 @@ class FinalOutputs:
                                 "of the folder and rerun (the final outputs were not written)")
             fsync_tree(staging)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_partial(staging)
             raise
         remove = [n for n in record["final"] if n not in new]
         atomic_write(out / COMMIT, json.dumps({"new": new, "remove": remove}))  # the commit point
@@ -100,6 +100,8 @@ def _roll_forward(out: Path) -> None:
     write_record(out, {"created": [*record["created"], *new], "final": new})
     if (staging / FINISHED).exists() or FINISHED in remove:
         (out / FINISHED).unlink(missing_ok=True)
+    # Plain renames, not durable.write_*: the staged files were flushed before the marker (fsync_tree), and this
+    # step is the set's commit, replayed from the marker after a kill — each rename must be repeatable as it is.
     for name in new:
         if name != FINISHED and (staging / name).exists():
             os.replace(staging / name, out / name)
@@ -110,7 +112,7 @@ def _roll_forward(out: Path) -> None:
     fsync_dir(out)
     (out / COMMIT).unlink()
     fsync_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_partial(staging)
 
 
 def recover_final_outputs(output_dir: str | os.PathLike) -> bool:
