@@ -117,22 +117,37 @@ def main_process_first(state):
             state.wait_for_everyone()
 
 
+def deepspeed_steps_at_accumulation_boundaries() -> bool:
+    """Whether the installed accelerate steps the DeepSpeed engine only when ``sync_gradients`` is true (accelerate
+    1.16: ``DeepSpeedEngineWrapper.backward(loss, sync_gradients)`` sets the engine's accumulation boundary from it and
+    steps only there), so that the loop's ``accelerator.accumulate`` windows decide when the engine steps."""
+    import inspect
+
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    return "sync_gradients" in inspect.signature(DeepSpeedEngineWrapper.backward).parameters
+
+
 def configure_deepspeed(ds_config: dict, train_args) -> None:
     """Fill in what DeepSpeed cannot learn from this loop (in place; docs/scaling.md, "DeepSpeed ZeRO-2").
 
-    The loop hands accelerate no dataloader (it shards batches itself), so the micro-batch cannot stay "auto"; the
-    engine steps inside ``accelerator.backward`` on every micro-batch, so the loop's own accumulation would step it K
-    times per step: the global batch must come from processes x per-device batch alone; and clipping is the
-    engine's, so it gets ``max_grad_norm`` (0 turns it off in DeepSpeed).
+    The loop hands accelerate no dataloader (it shards batches itself), so the micro-batch cannot stay "auto".
+    Accumulation: the loop runs each optimizer step as ``gradient_accumulation_steps`` micro-batches inside
+    ``accelerator.accumulate``, whose ``sync_gradients`` is true on the last one only; accelerate (1.16) hands that
+    flag to the engine as its accumulation boundary and steps it there, and the engine divides the loss by its own
+    ``gradient_accumulation_steps`` — so the config gets the run's. An accelerate whose wrapper steps the engine on
+    every micro-batch (:func:`deepspeed_steps_at_accumulation_boundaries` false) is refused accumulation. Clipping is
+    the engine's, so it gets ``max_grad_norm`` (0 turns it off in DeepSpeed).
     """
-    if train_args.gradient_accumulation_steps != 1:
+    accumulation = train_args.gradient_accumulation_steps
+    if accumulation != 1 and not deepspeed_steps_at_accumulation_boundaries():
         raise UserError(
-            f"gradient_accumulation_steps={train_args.gradient_accumulation_steps} cannot be used under DeepSpeed "
-            "(its engine steps on every micro-batch); keep it at 1 so that total_train_batch_size is split over the "
-            "processes alone, or launch with DDP or FSDP"
+            f"gradient_accumulation_steps={accumulation} cannot be used under DeepSpeed with this accelerate (its "
+            "engine would step on every micro-batch); install accelerate>=1.16, keep it at 1 so that "
+            "total_train_batch_size is split over the processes alone, or launch with DDP or FSDP"
         )
     ds_config["train_micro_batch_size_per_gpu"] = train_args.per_device_train_batch_size
-    ds_config["gradient_accumulation_steps"] = 1
+    ds_config["gradient_accumulation_steps"] = accumulation
     if ds_config.get("gradient_clipping", "auto") == "auto":
         ds_config["gradient_clipping"] = float(train_args.max_grad_norm or 0.0)
 

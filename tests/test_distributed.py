@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -359,10 +360,44 @@ def test_deepspeed_config_gets_what_the_loop_cannot_hand_accelerate():
     assert plugin.deepspeed_config["gradient_clipping"] == 0.5
     assert plugin.deepspeed_config["zero_optimization"]["stage"] == 2
 
+    # Accumulation: the run's steps go to the engine (it scales the loss by them), the micro-batch is the global
+    # batch over processes x accumulation, and DeepSpeed's train_batch_size (micro x accumulation x processes) is the
+    # run's global batch.
     cfg = parse_config([*TINY_ARGS, "--gradient_accumulation_steps", "2"])
     resolve_batch_sizes(cfg.train, 8)
-    with pytest.raises(UserError, match="gradient_accumulation_steps=2 cannot be used under DeepSpeed"):
-        configure_deepspeed({}, cfg.train)
+    ds_config = dict(plugin.deepspeed_config)
+    configure_deepspeed(ds_config, cfg.train)
+    assert ds_config["gradient_accumulation_steps"] == 2 and ds_config["train_micro_batch_size_per_gpu"] == 2
+    assert ds_config["train_micro_batch_size_per_gpu"] * 2 * 8 == cfg.train.total_train_batch_size
+    with mock.patch("hf_vit.runtime.deepspeed_steps_at_accumulation_boundaries", return_value=False):
+        with pytest.raises(UserError, match="gradient_accumulation_steps=2 cannot be used under DeepSpeed"):
+            configure_deepspeed({}, cfg.train)
+
+
+def test_accelerate_steps_deepspeed_only_where_the_loops_accumulate_windows_end():
+    """What lets configure_deepspeed pass accumulation on (accelerate 1.16, read from its source and checked here
+    without DeepSpeed): with no prepared dataloader, ``accumulate`` sets ``sync_gradients`` on every K-th micro-batch
+    only, and the DeepSpeed wrapper steps its engine only when ``backward`` gets that flag."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    from hf_vit.runtime import deepspeed_steps_at_accumulation_boundaries
+
+    assert deepspeed_steps_at_accumulation_boundaries()
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    model = torch.nn.Linear(2, 2)
+    flags = []
+    for _ in range(2 * 3):  # two optimizer steps of the loop: range(gradient_accumulation_steps) each
+        with acc.accumulate(model):
+            flags.append(acc.sync_gradients)
+    assert flags == [False, False, True, False, False, True]
+    engine = mock.Mock()
+    wrapper = DeepSpeedEngineWrapper(engine)
+    for flag in flags:
+        wrapper.backward(torch.tensor(1.0), sync_gradients=flag)
+    assert engine.step.call_count == 2 and engine.backward.call_count == 6
+    assert [c.kwargs["is_boundary"] for c in engine.set_gradient_accumulation_boundary.call_args_list] == flags
 
 
 def test_pretraining_streams_by_shards_under_two_processes(tmp_path, imagenet_sample_path):
