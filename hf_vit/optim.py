@@ -21,6 +21,11 @@ from .models import is_vit
 # "normalization"), ConvNeXt's per-channel layer scale, the position embeddings and the CLS token (decaying them pulls
 # them towards zero for no regularisation benefit). Every one of them but the two embeddings is also a vector
 # (ndim <= 1), which param_groups checks first; the names are for the reader and for odd shapes.
+# Why names, and not the model: a transformers model does not say which of its parameters are exempt (there is no
+# such attribute or method on PreTrainedModel), and the HF Trainer itself decides by name too
+# (Trainer.get_decay_parameter_names: "bias" and norm-like names, plus nn.LayerNorm by type). The two embeddings are
+# plain nn.Parameters of ViTEmbeddings, whose role only their names state. The groups are tested per family
+# (tests/test_foundation.py for ViT, tests/test_models.py for the CNNs): a parameter transformers renames fails there.
 NO_DECAY_PATTERNS = ("bias", "layernorm", "layer_norm", "norm.", "normalization", "layer_scale",
                      "position_embeddings", "cls_token")
 _BLOCK_INDEX = re.compile(r"\.(?:layers?|blocks)\.(\d+)\.")
