@@ -244,9 +244,9 @@ IDENTITY_KEYS = (*IDENTITY_SETTINGS, "model", "dataset")
 _FINGERPRINT_SAMPLES = 32
 
 
-def dataset_fingerprint(data, data_args=None) -> str:
+def dataset_fingerprint(data) -> str:
     """A cheap fingerprint of the dataset a run reads, before its own carving (``data``: a
-    :class:`hf_vit.data.sources.DataSplits`; ``data_args``: its DataArguments): the class names and the size of the
+    :class:`hf_vit.data.sources.DataSplits`, whose ``source`` says whether it is a local folder): the class names and the size of the
     train split, plus, for a map-style split, the keys of 32 examples evenly spread over the whole split (keys are
     paths or hashes of the bytes: a moved copy of the same data keeps its fingerprint, another dataset of the same size
     gets another), and for a stream the names and sizes of its local data files. Independent of the seed, the
@@ -263,9 +263,8 @@ def dataset_fingerprint(data, data_args=None) -> str:
         for i in sorted({i * n // _FINGERPRINT_SAMPLES for i in range(_FINGERPRINT_SAMPLES)}) if n else []:
             image = column[i].as_py()
             digest.update(example_key(image if isinstance(image, dict) else None).encode() + b"\n")
-    elif data.source is not None or data_args is not None:
-        for name, size in _data_files(data.source.local_folder if data.source is not None
-                                      else os.path.expanduser(data_args.dataset_name)):
+    elif data.source is not None:
+        for name, size in _data_files(data.source.local_folder):
             digest.update(f"{name}:{size}\n".encode())
     return digest.hexdigest()[:32]
 
@@ -287,14 +286,14 @@ def _data_files(root: str | None, limit: int = 100_000) -> list[tuple[str, int]]
     return found
 
 
-def run_identity(config: dict, model_config, data, data_args=None) -> dict:
+def run_identity(config: dict, model_config, data) -> dict:
     """The identity a checkpoint records: ``config`` (the run's flat settings, :meth:`RunConfig.to_dict`) restricted
     to :data:`IDENTITY_SETTINGS`, the model's architecture (``model_config``: its transformers config) and the
     dataset (``data``: its name, shown in messages, and :func:`dataset_fingerprint`, compared)."""
     model = {k: getattr(model_config, k) for k in IDENTITY_MODEL_FIELDS if getattr(model_config, k, None) is not None}
     return {**{k: config.get(k) for k in IDENTITY_SETTINGS},
             "model": json.loads(json.dumps(model, default=str)),
-            "dataset": {"name": config.get("dataset_name"), "fingerprint": dataset_fingerprint(data, data_args)}}
+            "dataset": {"name": config.get("dataset_name"), "fingerprint": dataset_fingerprint(data)}}
 
 
 def parse_accepted_changes(value: str | None) -> list[str]:

@@ -388,7 +388,7 @@ class Run:
     def _run_identity(self) -> dict:
         if getattr(self, "_identity", None) is None:
             self._identity = ckpt.run_identity(self.cfg.to_dict(), self.accelerator.unwrap_model(self.model).config,
-                                               self.data, self.cfg.data)
+                                               self.data)
         return self._identity
 
     def load_checkpoint(self, path: str) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..durable import check_deletable
+from ..locations import local_path
 from .files import DELETING_PREFIX, PARTIAL_PREFIX, atomic_write, delete_entry, fsync_dir
 from .final_outputs import COMMIT, STAGING, FinalOutputs, recover_final_outputs
 from .ownership import (BOOKKEEPING_PREFIX, FINAL_OUTPUTS, FINISHED, OUTPUT_NAMES, RECORD, TRACKER_DIR, base_name,
@@ -166,9 +167,10 @@ def check_outside_dataset(output: str | os.PathLike, dataset_name: str | None, w
     """Refuse (one line) an output path that lies inside the local dataset ``dataset_name`` being read: an
     image-folder dataset would gain a class of the run's files, a parquet folder would stop loading. A Hub id is
     never a local folder and passes."""
-    if not dataset_name or not os.path.exists(os.path.expanduser(dataset_name)):
+    folder = local_path(dataset_name) if dataset_name else None  # hf_vit.locations: the one Hub-id-or-path rule
+    if folder is None or not os.path.exists(folder):
         return
-    data, target = _real(dataset_name), _real(output)
+    data, target = _real(folder), _real(output)
     if target == data or data in target.parents:
         raise UserError(f"{what} {str(output)!r} lies inside the dataset {dataset_name!r} being read; its files "
                         "would become part of the data: choose a folder outside the dataset")
