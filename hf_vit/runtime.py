@@ -117,6 +117,23 @@ def main_process_first(state):
             state.wait_for_everyone()
 
 
+def fresh_accelerate_state():
+    """Forget the previous run's Accelerator settings before the next run in this process builds its own; returns
+    the ``PartialState`` (which process this is, and the process group), kept across runs, with the same ``cpu``
+    choice as every Accelerator here (:func:`cpu_only_distributed`).
+
+    ``AcceleratorState`` and ``GradientState`` are process-wide singletons that keep the first run's mixed precision,
+    plugins and accumulation; a second run in the same process (a study's next run, perhaps bf16 after fp32) must
+    start from neither.
+    """
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return PartialState(cpu=cpu_only_distributed())
+
+
 def deepspeed_steps_at_accumulation_boundaries() -> bool:
     """Whether the installed accelerate steps the DeepSpeed engine only when ``sync_gradients`` is true (accelerate
     1.16: ``DeepSpeedEngineWrapper.backward(loss, sync_gradients)`` sets the engine's accumulation boundary from it and

@@ -374,6 +374,21 @@ def test_deepspeed_config_gets_what_the_loop_cannot_hand_accelerate():
             configure_deepspeed({}, cfg.train)
 
 
+def test_a_second_run_in_one_process_starts_from_fresh_accelerate_settings():
+    """runtime.fresh_accelerate_state (what a study calls between runs): accelerate refuses a second Accelerator with
+    other settings in the same process until its singletons are reset; after the reset the next run gets its own."""
+    from accelerate import Accelerator
+
+    from hf_vit.runtime import fresh_accelerate_state
+
+    Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(cpu=True, mixed_precision="no")
+    state = fresh_accelerate_state()
+    acc = Accelerator(cpu=True, mixed_precision="no")
+    assert (acc.mixed_precision, acc.gradient_accumulation_steps, state.num_processes) == ("no", 1, 1)
+
+
 def test_accelerate_steps_deepspeed_only_where_the_loops_accumulate_windows_end():
     """What lets configure_deepspeed pass accumulation on (accelerate 1.16, read from its source and checked here
     without DeepSpeed): with no prepared dataloader, ``accumulate`` sets ``sync_gradients`` on every K-th micro-batch
