@@ -313,7 +313,7 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
 
     model, processor = load_run_model(run_dir)
     source, seed = run_data_source(run_dir, dataset_name, eval_split)
-    check_outside_dataset(output, source.name, "--output")
+    check_outside_dataset(output, source, "--output")
     try:
         data = first_eval_images(source, seed, images)
     except UserError as err:

@@ -151,10 +151,10 @@ def evaluate(args: EvalArguments) -> dict:
     output_dir = Path(args.output_dir or default_output_dir(args.model_name_or_path))
     # Where the results go is checked before anything runs: a bad place must not cost a whole evaluation.
     check_analysis_output(output_dir, "--output_dir")
-    check_outside_dataset(output_dir, args.dataset_name, "--output_dir")
+    source = data_source(args)
+    check_outside_dataset(output_dir, source, "--output_dir")
     config = checkpoint_config(args.model_name_or_path)
     state = PartialState(cpu=cpu_only_distributed())
-    source = data_source(args)
     with main_process_first(state):  # the main process builds the datasets cache, the others reuse it
         loaded = open_dataset(source)
         splits = list(loaded.keys())

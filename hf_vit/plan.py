@@ -254,17 +254,18 @@ def make_plan(cfg: RunConfig, state=None, splits=None) -> RunPlan:
     """Validate ``cfg``, read the dataset's metadata (the main process first) and resolve the plan for this launch;
     the plan keeps the opened splits (``plan.splits``) for the run to train on. ``state``: accelerate's process state
     (default: this launch's)."""
-    from .data import load_splits
+    from .data import DataSource, load_splits
     from .runtime import cpu_only_distributed, main_process_first
 
-    validate(cfg)
+    source = DataSource.from_args(cfg.data)  # the dataset classified as a local folder or a Hub id, once per run
+    validate(cfg, source)
     if state is None:
         from accelerate import PartialState
 
         state = PartialState(cpu=cpu_only_distributed())
     if splits is None:
         with main_process_first(state):
-            splits = load_splits(cfg.data, cfg.train.seed)
+            splits = load_splits(source, cfg.train.seed)
     plan = resolve_plan(cfg, state.num_processes, DataFacts.from_splits(splits, cfg.data))
     plan.splits = splits
     return plan

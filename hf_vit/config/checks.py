@@ -117,10 +117,12 @@ def check_fields(config: object) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, source=None) -> None:
     """Check every value a user can get wrong before anything is loaded or written: each field's domain, the
-    relations between fields, the output folder (without writing to it) and the Hub repository id. Raises a
-    one-line :class:`UserError`; returns None when the configuration can run."""
+    relations between fields, the output folder (without writing to it) and the Hub repository id. ``source``: the
+    run's :class:`hf_vit.data.DataSource` when the caller has described the data already (so the dataset is
+    classified as a local folder or a Hub id once); else ``dataset_name`` is. Raises a one-line :class:`UserError`;
+    returns None when the configuration can run."""
     check_fields(cfg)
     m, d, t = cfg.model, cfg.data, cfg.train
     if t.num_train_epochs <= 0 and not t.max_train_steps:
@@ -149,7 +151,7 @@ def validate(cfg: RunConfig) -> None:
     check_output_dir_writable(t.output_dir)
     from ..run_dir import check_outside_dataset  # an output folder inside the data would become data
 
-    check_outside_dataset(t.output_dir, d.dataset_name)
+    check_outside_dataset(t.output_dir, source if source is not None else d.dataset_name)
     _check_hub_repo_id(t)
 
 

@@ -163,16 +163,20 @@ def _real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.abspath(os.path.expanduser(str(path)))))
 
 
-def check_outside_dataset(output: str | os.PathLike, dataset_name: str | None, what: str = "output_dir") -> None:
-    """Refuse (one line) an output path that lies inside the local dataset ``dataset_name`` being read: an
-    image-folder dataset would gain a class of the run's files, a parquet folder would stop loading. A Hub id is
-    never a local folder and passes."""
-    folder = local_path(dataset_name) if dataset_name else None  # hf_vit.locations: the one Hub-id-or-path rule
+def check_outside_dataset(output: str | os.PathLike, dataset, what: str = "output_dir") -> None:
+    """Refuse (one line) an output path that lies inside the local dataset being read: an image-folder dataset would
+    gain a class of the run's files, a parquet folder would stop loading. ``dataset``: the
+    :class:`hf_vit.data.DataSource` being read (already classified), or a dataset name as a user gave it (classified
+    here by :func:`hf_vit.locations.local_path`); None or a Hub id passes."""
+    if dataset is None or isinstance(dataset, str):
+        name, folder = dataset, (local_path(dataset) if dataset else None)
+    else:
+        name, folder = dataset.name, dataset.local_path
     if folder is None or not os.path.exists(folder):
         return
     data, target = _real(folder), _real(output)
     if target == data or data in target.parents:
-        raise UserError(f"{what} {str(output)!r} lies inside the dataset {dataset_name!r} being read; its files "
+        raise UserError(f"{what} {str(output)!r} lies inside the dataset {name!r} being read; its files "
                         "would become part of the data: choose a folder outside the dataset")
 
 
