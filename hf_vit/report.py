@@ -22,12 +22,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_vit import durable
+from hf_vit.config import read_run_config
 from hf_vit.errors import UserError, is_secret_name, raise_user_errors, run_cli
 from hf_vit.scoring import format_results_table
 
@@ -255,10 +255,11 @@ def write_model_card(
 # ---- comparison of runs ----
 
 def _read(path: Path, what: str) -> Any:
+    """A JSON file of a run folder (its train_config.yaml is config.read_run_config's)."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle) if path.suffix in (".yaml", ".yml") else json.load(handle)
-    except (OSError, ValueError, yaml.YAMLError) as err:
+            return json.load(handle)
+    except (OSError, ValueError) as err:
         raise UserError(f"cannot read {what} {path}: {err}") from err
 
 
@@ -291,7 +292,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not (path / "all_results.json").is_file():
         raise UserError(f"{run_dir} has no all_results.json; pass the output_dir of a finished training run.")
     results = _read(path / "all_results.json", "results file")
-    config = _read(path / "train_config.yaml", "config file") if (path / "train_config.yaml").is_file() else {}
+    config = read_run_config(path, known_only=False) or {}
     history = _read(path / "log_history.json", "log history") if (path / "log_history.json").is_file() else []
     model_config = _read(path / "config.json", "model config") if (path / "config.json").is_file() else {}
     if not all(isinstance(item, dict) for item in (results, config or {}, model_config or {})) \

@@ -74,8 +74,9 @@ _RECIPE_LINE = re.compile(r"""^\s*["']?([^:#"'\s]+)["']?\s*:\s*["']?([^"'#]*?)["
 PLAN_KEY = "run_plan"
 
 
-def load_recipe(path: str) -> dict:
-    """Read a flat YAML recipe; unknown keys, keys given twice and unreadable files are errors."""
+def load_recipe(path: str, known_only: bool = True) -> dict:
+    """Read a flat YAML recipe; unknown keys (unless not ``known_only``), keys given twice and unreadable files are
+    errors. A saved run's ``run_plan`` record is dropped."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} does not exist; pass an existing YAML recipe (see recipes/)")
     try:
@@ -106,7 +107,7 @@ def load_recipe(path: str) -> dict:
     register_mapping_secrets(recipe)
     recipe.pop(PLAN_KEY, None)  # a saved run's plan: what the run resolved, not a setting
     unknown = sorted((k for k in recipe if k not in FIELD_TYPES), key=str)
-    if unknown:
+    if unknown and known_only:
         raise UserError(f"unknown config key(s) {unknown} in {path}; run with --help for the valid options")
     return recipe
 
@@ -180,9 +181,10 @@ def run_config_path(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def read_run_config(run_dir: str | os.PathLike) -> dict | None:
+def read_run_config(run_dir: str | os.PathLike, known_only: bool = True) -> dict | None:
     """The settings a run recorded (:func:`save_config`), as ``{field: value}`` without the ``run_plan`` record, from
     ``RUN_DIR/train_config.yaml`` (a ``checkpoint-<N>`` folder: its run's); None when the run has none. Read by the
-    recipe rules (:func:`load_recipe`): an unreadable file, a duplicate or unknown key is a one-line UserError."""
+    recipe rules (:func:`load_recipe`): an unreadable file or a duplicate key is a one-line UserError, and so is an
+    unknown key unless not ``known_only`` (a report over runs another version of hf_vit wrote)."""
     path = run_config_path(run_dir)
-    return None if path is None else load_recipe(str(path))
+    return None if path is None else load_recipe(str(path), known_only)
