@@ -246,11 +246,12 @@ _FINGERPRINT_SAMPLES = 32
 
 def dataset_fingerprint(data) -> str:
     """A cheap fingerprint of the dataset a run reads, before its own carving (``data``: a
-    :class:`hf_vit.data.sources.DataSplits`, whose ``source`` says whether it is a local folder): the class names and the size of the
-    train split, plus, for a map-style split, the keys of 32 examples evenly spread over the whole split (keys are
-    paths or hashes of the bytes: a moved copy of the same data keeps its fingerprint, another dataset of the same size
-    gets another), and for a stream the names and sizes of its local data files. Independent of the seed, the
-    validation carve-out and the subset, which the identity records on their own; nothing is decoded."""
+    :class:`hf_vit.data.sources.DataSplits`, whose ``source`` says whether it is a local folder): the class names
+    and the size of the train split, plus, for a map-style split, the keys of 32 examples evenly spread over the
+    whole split (keys are paths or hashes of the bytes: a moved copy of the same data keeps its fingerprint, another
+    dataset of the same size gets another), and for a stream the names and sizes of its local data files.
+    Independent of the seed, the validation carve-out and the subset, which the identity records on their own;
+    nothing is decoded."""
     import hashlib
 
     from .data.keys import example_key

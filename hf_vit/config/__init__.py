@@ -6,9 +6,9 @@ One module per job; every name is imported from ``hf_vit.config`` itself, as bef
   (a :class:`Domain`) and its help, and :func:`shared_setting`, by which another command declares the same flag;
 * :mod:`~hf_vit.config.groups` — the three argument groups (model, data, training), :class:`RunConfig`, the secret
   fields (:data:`SECRET_KEYS`) and :func:`resolve_batch_sizes`;
-* :mod:`~hf_vit.config.checks` — the check of one field (:func:`check_value`) and of all (:func:`check_fields`) against
-  the declared domains (viewed by name in :data:`DOMAINS`), and :func:`validate`: the fields again, the relations
-  between them, the output folder and the Hub id;
+* :mod:`~hf_vit.config.checks` — the check of one field (:func:`check_value`) and of all (:func:`check_fields`)
+  against the declared domains (viewed by name in :data:`DOMAINS`), and :func:`validate`: the fields again, the
+  relations between them, the output folder and the Hub id;
 * :mod:`~hf_vit.config.recipe` — ``--config recipe.yaml`` plus flags into a :class:`RunConfig`
   (:func:`parse_config`, :func:`load_recipe`), the parser every command builds its flags with
   (:class:`ArgumentParser`), and the saved ``train_config.yaml`` (:func:`save_config`, read back by

@@ -88,7 +88,8 @@ class DataSource:
 
 
 def as_source(data: DataSource | DataArguments) -> DataSource:
-    """``data`` as a :class:`DataSource`: a run's :class:`DataArguments` is described by :meth:`DataSource.from_args`."""
+    """``data`` as a :class:`DataSource`; a run's :class:`DataArguments` is described by
+    :meth:`DataSource.from_args`."""
     return data if isinstance(data, DataSource) else DataSource.from_args(data)
 
 
