@@ -34,7 +34,6 @@ from typing import Callable, TypeVar
 from huggingface_hub import HfApi, snapshot_download
 
 from hf_vit.errors import UserError, scrub
-from hf_vit.locations import is_local_path  # noqa: F401 - hf_vit.rehearsal still imports it from here
 
 log = logging.getLogger("hf_vit.hub")
 
