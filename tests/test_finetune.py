@@ -269,14 +269,14 @@ def test_pretrain_then_finetune_then_evaluate_end_to_end(pretrained, finetuned, 
     assert eval_results["eval_weights"] == better
     assert sum(map(sum, eval_results["confusion_matrix"])) == 64
 
-    # The standalone evaluator scores the saved model exactly as the training run's final eval did.
+    # The standalone evaluator scores the saved model exactly as the training run's final eval did; it writes beside
+    # the run folder (<run>-eval/, its default), never into it.
     proc = subprocess.run([sys.executable, "-m", "hf_vit.eval", "--model_name_or_path", str(out), "--dataset_name",
                            str(cifar10_path), "--eval_split", "train", "--train_val_split", "0.02", "--seed", "42",
-                           "--max_eval_samples", "64", "--dataloader_num_workers", "1",
-                           "--output_dir", str(out / "standalone_eval")],
+                           "--max_eval_samples", "64", "--dataloader_num_workers", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    standalone = json.loads((out / "standalone_eval" / "eval_results.json").read_text())
+    standalone = json.loads((out.with_name(out.name + "-eval") / "eval_results.json").read_text())
     assert standalone["eval_samples"] == 64
     assert standalone["eval_accuracy"] == eval_results["eval_accuracy"]
     assert standalone["confusion_matrix"] == eval_results["confusion_matrix"]
