@@ -89,6 +89,7 @@ class RunPlan:
     read_amplification: float
     bytes_read_per_epoch: int | None
     worker_startups: int  # the train loader's workers start once per run, the eval loader's at each evaluation
+    prefetch_bytes_per_process: int | None  # decoded micro-batches the train loader's workers hold ahead
     evaluations: int
     checkpoints: int
     checkpoint_bytes: int | None
@@ -210,6 +211,10 @@ def resolve_plan(cfg: RunConfig, processes: int, data: DataFacts, model_cost=Non
     every = t.checkpointing_steps
     checkpoints = (total_steps // int(every) if str(every).isdigit() else epochs_started if every == "epoch" else 0)
     parameters, flops, image_size = model_cost or _model_cost(cfg, data.num_classes)
+    from .data.loader import PREFETCH_FACTOR
+
+    prefetch = (workers * PREFETCH_FACTOR * t.per_device_train_batch_size * 3 * image_size ** 2
+                if workers and image_size else None)
     checkpoint_bytes = None
     if parameters:
         per_param = CHECKPOINT_BYTES_PER_PARAMETER + (4 if t.ema_decay else 0)
@@ -229,7 +234,7 @@ def resolve_plan(cfg: RunConfig, processes: int, data: DataFacts, model_cost=Non
     plan = RunPlan(cfg, data, processes, workers, t.per_device_train_batch_size, t.gradient_accumulation_steps,
                    t.total_train_batch_size, n, topology.examples_used(n), steps_per_epoch, total_steps, epochs,
                    warmup_steps, rule, amplification, bytes_read, processes * workers * (1 + evaluations),
-                   evaluations, checkpoints,
+                   prefetch, evaluations, checkpoints,
                    checkpoint_bytes, parameters, flops, gpu_hours, gpu_hours / 8 if gpu_hours is not None else None,
                    source)
     return plan
@@ -300,6 +305,7 @@ def table_cells(plan: RunPlan) -> dict[str, str]:
         "stream rule, read amplification": f"{plan.stream_rule}, {plan.read_amplification:.3f}x",
         "bytes read per epoch / dataset": f"{_size(plan.bytes_read_per_epoch)} / {_size(plan.data.train_bytes)}",
         "loader worker start-ups": f"{plan.worker_startups}",
+        "prefetched images in RAM per process": _size(plan.prefetch_bytes_per_process),
         "evaluations": f"{plan.evaluations}",
         "checkpoints (kept, size each)": f"{plan.checkpoints} ({kept}, {_size(plan.checkpoint_bytes)})",
         "GPU-hours / hours on 8 GPUs": f"{_hours(plan.gpu_hours)} / {_hours(plan.hours_on_8_gpus)}",
@@ -320,11 +326,37 @@ def plan_table(rows: list[tuple[str, RunPlan]]) -> str:
     return "\n".join(lines)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub can be reached from here (offline mode says no at once; else one TCP connection)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def data_facts(cfg: RunConfig) -> DataFacts:
     """The dataset metadata of ``cfg`` (opened without decoding); where the dataset cannot be reached (the Hub,
     offline), the metadata recorded for well-known datasets (``hf_vit.rehearsal``), else a one-line error."""
     from .data import load_splits
 
+    if not hub_reachable() and not os.path.exists(os.path.expanduser(cfg.data.dataset_name)):
+        # Offline: datasets would retry the Hub for minutes before failing; the recorded metadata answers at once.
+        try:
+            from .rehearsal import recorded_data_facts
+        except ImportError:
+            recorded_data_facts = None
+        facts = recorded_data_facts(cfg.data) if recorded_data_facts else None
+        if facts is not None:
+            return facts
     try:
         return DataFacts.from_splits(load_splits(cfg.data, cfg.train.seed), cfg.data)
     except UserError as err:

@@ -201,7 +201,7 @@ def command_line(run: StudyRun, extra: list[str] | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- the study loop
-def run_study(study: Study, dry_run: bool = False, rehearse: bool = False) -> Path | None:
+def run_study(study: Study, dry_run: bool = False, rehearse: bool = False, processes: int | None = None) -> Path | None:
     """Build the derived datasets, train every run that is not done, then write the findings (main process).
 
     Under ``accelerate launch`` every process runs this loop and takes the same decisions (each made after a
@@ -230,7 +230,7 @@ def run_study(study: Study, dry_run: bool = False, rehearse: bool = False) -> Pa
             status = run_status(run)
             print(f"run {index}/{len(study.runs)} {run.name} ({status}): "
                   f"{command_line(run, STATUS_FLAGS.get(status))}")
-        print_plan_table(study, rehearse)
+        print_plan_table(study, rehearse, processes)
         return None
 
     with process_group_kept():
@@ -260,7 +260,7 @@ def run_study(study: Study, dry_run: bool = False, rehearse: bool = False) -> Pa
     return path
 
 
-def print_plan_table(study: Study, rehearse: bool) -> None:
+def print_plan_table(study: Study, rehearse: bool, processes: int | None = None) -> None:
     """Every run's plan as one table (hf_vit.plan); a study whose data cannot be opened here, nor is recorded
     (hf_vit.rehearsal.RECORDED), says so in one line instead (the dry run still lists every run)."""
     try:
@@ -269,7 +269,7 @@ def print_plan_table(study: Study, rehearse: bool) -> None:
         print("(no run plans: this checkout has no hf_vit.plan.plan_study_table)")
         return
     try:
-        table = plan_study_table(study, rehearse=rehearse)
+        table = plan_study_table(study, processes=processes, rehearse=rehearse)
     except UserError as err:
         print(f"(no run plans: {err})")
         return
@@ -395,6 +395,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                         help="override a study default (KEY=VALUE) or one run's flag (RUN.KEY=VALUE); repeatable")
     parser.add_argument("--dry_run", action="store_true",
                         help="print each run's status, command and run plan; train nothing")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="with --dry_run: plan every run for a launch of N processes (GPUs) instead of this one")
     parser.add_argument("--rehearse", action="store_true",
                         help="rehearse the study: every run through the same code with a tiny model, a few steps and "
                              "generated stand-ins for unreachable data (docs/rehearsal.md); its accuracies mean "
@@ -402,8 +404,10 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     raise_user_errors(parser)  # one `error:` line instead of argparse's usage block
     args = parser.parse_args(argv)
+    if args.processes is not None and (args.processes < 1 or not args.dry_run):
+        raise UserError(f"--processes {args.processes}: give a count >= 1, with --dry_run (a real launch has its own)")
     return run_study(load_study(args.study, args.output_dir, args.sets), dry_run=args.dry_run,
-                     rehearse=args.rehearse)
+                     rehearse=args.rehearse, processes=args.processes)
 
 
 if __name__ == "__main__":

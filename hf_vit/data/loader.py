@@ -300,11 +300,16 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# Micro-batches each loader worker decodes ahead: enough to ride out a slow image, and what the run plan counts in
+# host memory (workers x this x micro-batch x 3 x size^2 bytes per process).
+PREFETCH_FACTOR = 4
+
+
 def build_loader(stream, collate: DecodeCollate, num_workers: int, pin_memory: bool, persistent: bool = False):
     """A DataLoader over a stream whose items are whole micro-batches (``batch_size=None``: the collate gets each
     list of examples as it is). ``persistent``: the workers live across epochs instead of starting anew each one."""
     return torch.utils.data.DataLoader(
         stream, batch_size=None, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=persistent and num_workers > 0, prefetch_factor=4 if num_workers else None,
+        persistent_workers=persistent and num_workers > 0, prefetch_factor=PREFETCH_FACTOR if num_workers else None,
         worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
     )
