@@ -103,3 +103,22 @@ def test_train_config_records_the_plan_and_the_effective_precision_and_repeats_t
     assert saved["run_plan"]["steps_per_epoch"] == 2 and saved["run_plan"]["examples_used_per_epoch"] == 64
     again = parse_config(["--config", str(out / "train_config.yaml")])  # run_plan is a record, not a setting
     assert again.train.mixed_precision == "no" and again.train.total_train_batch_size == 32
+
+
+def test_the_study_dry_run_plans_report_scale_for_eight_gpus_offline(cifar10_path, tmp_path, capsys):
+    """Offline (as here: the Hub is unreachable), ImageNet-1k is planned from its recorded metadata at once."""
+    import time
+
+    from hf_vit import study
+
+    start = time.monotonic()
+    study.main(["studies/report_scale.yaml", "--output_dir", str(tmp_path / "s"), "--dry_run", "--processes", "8",
+                "--set", f"cifar10.dataset_name={cifar10_path}", "--set", "cifar10.eval_split="])
+    out = capsys.readouterr().out
+    assert time.monotonic() - start < 120 and not (tmp_path / "s").exists()
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 8 and all(row.endswith("| ok |") for row in rows)
+    imagenet = next(row for row in rows if row.startswith("| imagenet_pretrain "))
+    assert "| 8 x 16 | 200 / 1600 (1) |" in imagenet and "| shards, 0.999x |" in imagenet
+    with pytest.raises(UserError, match="--processes 0"):
+        study.main(["studies/report_scale.yaml", "--output_dir", str(tmp_path / "s"), "--dry_run", "--processes", "0"])
