@@ -277,7 +277,6 @@ def part_d(args, result: dict, results_dir: Path, log) -> dict:
     others their FLOPs at the measured sustained TFLOP/s. CIFAR-10 is this check's folder; ImageNet-1k, unreachable
     here, is planned from its recorded metadata (hf_vit.rehearsal)."""
     import hf_vit.plan as plan
-    from hf_vit.study_file import load_study
 
     timed = [m for m in (result.get("a", {}).get("compiled"), result.get("a", {}).get("eager"))
              if m and "pipeline_images_per_sec" in m]
@@ -291,7 +290,16 @@ def part_d(args, result: dict, results_dir: Path, log) -> dict:
               "source": "benchmarks/gpu_check.py part (a), the trainer's step, synthetic batches on the device"}
     path = results_dir / "throughput.json"
     path.write_text(json.dumps([record], indent=1))
-    plan.THROUGHPUT_FILE = path
+    previous, plan.THROUGHPUT_FILE = plan.THROUGHPUT_FILE, path
+    try:
+        return _plan_report_scale(args, record, plan, log)
+    finally:
+        plan.THROUGHPUT_FILE = previous
+
+
+def _plan_report_scale(args, record: dict, plan, log) -> dict:
+    from hf_vit.study_file import load_study
+
     log(f"(d) planning studies/report_scale.yaml from {record['train_images_per_second_per_gpu']:.0f} img/s per GPU")
     sets = [f"cifar10.dataset_name={args.cifar_dir}", "cifar10.eval_split="]
     out = {"throughput": record}

@@ -329,6 +329,9 @@ def test_gpu_check_plans_the_report_scale_study_from_the_measured_throughput(cif
     out = gpu_check.part_d(argparse.Namespace(dry_run=False, cifar_dir=str(cifar10_path)), result, tmp_path,
                            lambda line: None)
     assert "error" not in out, out.get("traceback")
+    import hf_vit.plan
+
+    assert hf_vit.plan.THROUGHPUT_FILE.parent.name == "results"  # the repository's again, for every later plan
     assert json.loads((tmp_path / "throughput.json").read_text())[0]["train_images_per_second_per_gpu"] == 1500.0
     for gpus in (1, 8):
         rows = [line for line in out[f"table_{gpus}_gpu"].splitlines() if line.startswith("| ") and "---" not in line]
