@@ -34,13 +34,14 @@ import io
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from hf_vit import durable
+from hf_vit.config import read_run_config
 from hf_vit.errors import UserError
 
 # --------------------------------------------------------------------------------------------- the real datasets
@@ -278,7 +279,7 @@ def write_stand_in(record: DatasetRecord, folder: Path, seed: int = 0) -> bool:
                                   record.label_column: datasets.ClassLabel(names=names)})
     schema = features.arrow_schema
     partial = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(partial, ignore_errors=True)
+    durable.remove_partial(partial)
     (partial / record.folder).mkdir(parents=True)
     rng = np.random.default_rng(seed)
     suffix = ".png" if record.stand_in_format == "PNG" else ".JPEG"
@@ -304,7 +305,7 @@ def write_stand_in(record: DatasetRecord, folder: Path, seed: int = 0) -> bool:
                    for split in record.splits}
     (partial / "README.md").write_text(_readme(record, names, split_bytes), encoding="utf-8")
     (partial / STAND_IN_SPEC_FILE).write_text(json.dumps(spec, indent=1), encoding="utf-8")
-    os.replace(partial, folder)
+    durable.publish_folder(partial, folder)
     return True
 
 
@@ -569,8 +570,6 @@ class Preempter:
 def run_summary(folder: Path) -> dict:
     """What a finished (or failed) rehearsed run did, read from its folder: steps, epochs, steps per epoch, examples
     used per epoch of those available, evaluations, checkpoints."""
-    import yaml
-
     from hf_vit.checkpoint import complete_checkpoints
 
     summary: dict = {}
@@ -580,9 +579,8 @@ def run_summary(folder: Path) -> dict:
         summary.update(steps=results.get("global_step"), epoch=results.get("epoch"),
                        eval_accuracy=results.get("eval_accuracy"), eval_samples=results.get("eval_samples"),
                        seen=results.get("train_samples_seen"))
-    config_path = folder / "train_config.yaml"
-    if config_path.is_file():
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    config = read_run_config(folder, known_only=False)
+    if config:
         summary["global_batch"] = config.get("total_train_batch_size")
     checkpoints = complete_checkpoints(folder)
     if checkpoints:

@@ -32,15 +32,14 @@ import gc
 import json
 import os
 import shlex
-import shutil
 import time
 from pathlib import Path
 
-import yaml
-
+from hf_vit import durable
 from hf_vit.checkpoint import complete_checkpoints
-from hf_vit.config import CONFIG_FILE_NAME, DataArguments, load_recipe, parse_config, validate
+from hf_vit.config import CONFIG_FILE_NAME, load_recipe, parse_config, read_run_config, validate
 from hf_vit.errors import UserError, raise_user_errors, run_cli
+from hf_vit.runtime import fresh_accelerate_state, main_process_first
 from hf_vit.study_file import STUDY_MANAGED, DerivedDataset, Study, StudyRun, load_study
 
 DATASET_SPEC_FILE = "study_dataset.json"
@@ -77,8 +76,7 @@ def check_run(study: Study, run: StudyRun) -> None:
     saved_path = run.output_dir / CONFIG_FILE_NAME
     if run_status(run) not in ("done", "resume") or not saved_path.is_file():
         return
-    with open(saved_path, encoding="utf-8") as handle:
-        saved = yaml.safe_load(handle) or {}
+    saved = read_run_config(run.output_dir) or {}
     now = cfg.to_dict()
     keys = set(run.flags) | set(load_recipe(run.recipe) if run.recipe else {})
     for key in sorted(keys - HOW_FLAGS - run.referenced):
@@ -96,7 +94,7 @@ def build_dataset(dataset: DerivedDataset) -> bool:
     """
     import datasets
 
-    from hf_vit.data import load_splits
+    from hf_vit.data import DataSource, load_splits
 
     marker = dataset.path / DATASET_SPEC_FILE
     if dataset.path.is_dir():
@@ -108,8 +106,7 @@ def build_dataset(dataset: DerivedDataset) -> bool:
             raise UserError(f"{dataset.path} was built from another spec than datasets.{dataset.name} now gives; "
                             "delete it to rebuild (and the runs trained on it)")
         return False
-    splits = load_splits(DataArguments(dataset_name=dataset.source, train_split=dataset.split, eval_split=None,
-                                       train_val_split=0.0), seed=0)
+    splits = load_splits(DataSource.named(dataset.source, train_split=dataset.split), seed=0)
     source, label_column, names = splits.train, splits.label_column, splits.label_names
     classes = dataset.classes or names
     unknown = [name for name in classes if name not in names]
@@ -138,34 +135,11 @@ def build_dataset(dataset: DerivedDataset) -> bool:
             lambda labels: {label_column: [new_label[label] for label in labels]}, input_columns=[label_column],
             batched=True, features=features, desc=f"relabelling {dataset.name}/{split}")
     partial = dataset.path.with_name(f".{dataset.path.name}.tmp")
-    if partial.exists():
-        shutil.rmtree(partial)
+    durable.remove_partial(partial)
     datasets.DatasetDict(parts).save_to_disk(str(partial))
     (partial / DATASET_SPEC_FILE).write_text(json.dumps(dataset.spec(), indent=1), encoding="utf-8")
-    os.replace(partial, dataset.path)
+    durable.publish_folder(partial, dataset.path)
     return True
-
-
-def _cpu_launch() -> bool:
-    # The trainer's Accelerator makes the same choice: a multi-process launch without GPUs needs cpu=True (gloo).
-    import torch
-
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def fresh_accelerate_state():
-    """Forget the previous run's Accelerator settings before the next run builds its own; returns the
-    ``PartialState`` (which process this is, and the process group) that all runs share.
-
-    ``AcceleratorState`` and ``GradientState`` are process-wide singletons that keep the first run's mixed precision,
-    plugins and accumulation; a second run in this process (perhaps bf16 after fp32) must start from neither.
-    """
-    from accelerate import PartialState
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    return PartialState(cpu=_cpu_launch())
 
 
 @contextlib.contextmanager
@@ -277,16 +251,10 @@ def print_plan_table(study: Study, rehearse: bool, processes: int | None = None)
 
 
 def _main_process_builds(state, build) -> None:
-    """``build()`` on the main process while the others wait; the main process reaches the barrier even when the
-    build fails."""
-    if not state.is_main_process:
-        state.wait_for_everyone()
-    try:
+    """``build()`` on the main process while the others wait (runtime.main_process_first)."""
+    with main_process_first(state):
         if state.is_main_process:
             build()
-    finally:
-        if state.is_main_process:
-            state.wait_for_everyone()
 
 
 def _build_and_train(study: Study, state, rehearsal=None) -> tuple[bool, list[str]]:
