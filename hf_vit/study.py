@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--output_dir", required=True, help="the study folder: one folder per run, data/, findings.md")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="[RUN.]KEY=VALUE",
                         help="override a study default (KEY=VALUE) or one run's flag (RUN.KEY=VALUE); repeatable")
+    # A switch, not the training flag's `--dry_run true`: the study's own command takes no recipe, and its flags are
+    # the study's (what to run), not a run's settings (those come from the study file and --set).
     parser.add_argument("--dry_run", action="store_true",
                         help="print each run's status, command and run plan; train nothing")
     parser.add_argument("--processes", type=int, default=None, metavar="N",
