@@ -3,7 +3,6 @@ loss, and the weight EMA."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 
