@@ -28,6 +28,7 @@ from hf_vit.config import parse_config
 from hf_vit.trainer import Run
 from test_hostile import args, one_error_line, saved_dataset
 from test_hostile import run as train_in_process
+from test_reliability import _InfGradient
 
 # Calls that return a device value to the host, or whose output shape depends on device data (the host must wait).
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.__bool__,
@@ -96,18 +97,6 @@ class _Unwatched:
 
     def __next__(self):
         return self.run.paused(next, self.batches)
-
-
-class _InfGradient(torch.autograd.Function):
-    """Identity forward (a finite loss), infinite gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.inf
 
 
 def counted_fit(config_args: list[str]) -> tuple[CountedRun, list]:

@@ -41,7 +41,8 @@ from hf_vit import checkpoint as ckpt
 from hf_vit.errors import UserError, run_cli
 from hf_vit.manifest import verify_manifest
 from hf_vit.run_dir import FINISHED, LOCK, RECORD, FinalOutputs, RunLock, prepare_output_dir, record_created
-from test_hostile import CLASSES, args, images, one_error_line, png_bytes, run, saved_dataset, snapshot
+from test_hostile import (CLASSES, args, data, finished, images, one_error_line, png_bytes, run,  # noqa: F401
+                          saved_dataset, snapshot)
 
 
 def in_process(main, argv) -> tuple[int, str, str]:
@@ -58,20 +59,6 @@ def in_process(main, argv) -> tuple[int, str, str]:
 
 def disk_full(*_a, **_k):
     raise OSError(errno.ENOSPC, "No space left on device")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return saved_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def finished(data, tmp_path_factory) -> Path:
-    """A finished tiny run, checkpointed every 2 steps (2 epochs of 4 steps)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    code, err = run(args(data, out, "--checkpointing_steps", "2", "--checkpoints_total_limit", "10"))
-    assert code == 0, err
-    return out
 
 
 def last_checkpoint(run_dir: Path) -> Path:
