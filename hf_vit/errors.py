@@ -257,28 +257,26 @@ class _GoneStdout:
         except (OSError, ValueError, AttributeError):
             pass  # a stream without a descriptor (a test's capture): dropping the output is enough
 
+    def _guarded(self, call, *args):
+        """``call(*args)`` on the stream until its reader is gone; None once it is (or when this call finds out)."""
+        if self.gone:
+            return None
+        try:
+            return call(*args)
+        except (BrokenPipeError, ConnectionResetError):
+            self._lost()
+        except OSError as err:
+            if err.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            self._lost()
+        return None
+
     def write(self, text):
-        if not self.gone:
-            try:
-                return self._stream.write(text)
-            except (BrokenPipeError, ConnectionResetError):
-                self._lost()
-            except OSError as err:
-                if err.errno not in (errno.EPIPE, errno.EIO):
-                    raise
-                self._lost()
-        return len(text)
+        written = self._guarded(self._stream.write, text)
+        return len(text) if written is None else written
 
     def flush(self):
-        if not self.gone:
-            try:
-                self._stream.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                self._lost()
-            except OSError as err:
-                if err.errno not in (errno.EPIPE, errno.EIO):
-                    raise
-                self._lost()
+        self._guarded(self._stream.flush)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
