@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import RunConfig, resolve_batch_sizes, validate
+from .data.factory import train_topology
 from .data.sharding import StreamPlan, Topology
 from .errors import UserError
 
@@ -184,8 +185,8 @@ def resolve_plan(cfg: RunConfig, processes: int, data: DataFacts, model_cost=Non
     cfg = copy.deepcopy(cfg)
     t, d = cfg.train, cfg.data
     resolve_batch_sizes(t, processes)
-    workers = 0 if d.data_on_device else d.dataloader_num_workers
-    topology = Topology(processes, workers, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+    topology = train_topology(d, t.per_device_train_batch_size, processes, t.gradient_accumulation_steps)
+    workers = topology.workers
     n = data.num_train_examples
     steps_per_epoch = topology.steps(n)
     total_steps = t.max_train_steps or math.ceil(t.num_train_epochs * steps_per_epoch)

@@ -131,7 +131,8 @@ class Run:
         self.spec = ImageSpec.from_processor(self.processor, data_args.crop_padding)
         check_crop_padding(data_args.crop_padding, self.spec.image_size)  # the preset's size is known only now
 
-        self.train_data = build_train_data(self.data, self.spec, data_args, plan.topology, train_args.seed, acc)
+        self.train_data = build_train_data(self.data, self.spec, data_args, plan.topology, train_args.seed, acc,
+                                           plan.data.unit_rows)
         self.eval_data = build_eval_data(self.data, self.spec, data_args.dataloader_num_workers,
                                          train_args.per_device_eval_batch_size, train_args.seed, acc)
         self.steps_per_epoch, self.total_steps, self.warmup_steps = (plan.steps_per_epoch, plan.total_steps,

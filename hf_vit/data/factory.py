@@ -105,16 +105,17 @@ def stream_unit_rows(splits: DataSplits, args: DataArguments) -> list[int] | Non
 
 
 def build_train_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, topology: Topology, seed: int,
-                     state) -> TrainData:
+                     state, unit_rows: list[int] | None = None) -> TrainData:
     """The train data of a run for ``topology``: ``state`` is the Accelerator (or PartialState) giving
-    ``process_index`` and ``device``."""
+    ``process_index`` and ``device``; ``unit_rows``: a stream's rows per unit as the run plan read them from the
+    parquet footers (:func:`stream_unit_rows`), None when unknown."""
     rank, device = state.process_index, state.device
     if args.data_on_device:
         return DeviceTrainData(splits.train, splits.image_column, splits.label_column, len(splits.label_names), spec,
                                args, topology, rank, seed, device)
     stream = TrainStream(splits.train, topology, rank, seed, splits.num_train_examples,
                          sharding=args.stream_sharding, shuffle_buffer_size=args.shuffle_buffer_size,
-                         unit_rows=stream_unit_rows(splits, args))
+                         unit_rows=unit_rows)
     transform = train_transform(spec, args)
     finish = None
     if args.decode_on_device:  # workers hand over JPEG bytes and crop plans; the device decodes them
