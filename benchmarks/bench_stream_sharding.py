@@ -61,7 +61,7 @@ def unit_bytes(folder: Path) -> list[int]:
 def play(folder: Path, topology: Topology, epoch: int = 0, skip: int = 0) -> dict:
     """Every consumer of ``topology`` through one epoch (from micro-batch ``skip`` on); the counts."""
     args = DataArguments(dataset_name=str(folder), streaming=True, train_val_split=0)
-    splits = load_splits(args, 0)
+    splits = load_splits(args)
     rows, sizes = stream_unit_rows(splits, args), unit_bytes(folder)
     n = splits.num_train_examples
     read_rows, read_bytes, used = collections.Counter(), collections.Counter(), collections.Counter()

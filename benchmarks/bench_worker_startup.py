@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     datasets.disable_progress_bars()
     splits = load_splits(DataArguments(dataset_name=args.dataset_name, train_fraction=args.train_fraction,
-                                       train_val_split=0), 0)
+                                       train_val_split=0))
     print(f"{splits.num_train_examples} training images, {args.workers} workers, batch {args.batch}, "
           f"{args.epochs} epochs")
     for persistent in (False, True):

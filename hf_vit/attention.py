@@ -11,7 +11,7 @@ local CIFAR-10 copy; its validation images are the ``train_val_split`` slice car
     python -m hf_vit.attention outputs/cifar10_vit_small --dataset_name ../shared/datasets/cifar10 --eval_split ""
 
 The images are the first N evaluation images of the run (``train_config.yaml``: the same dataset, split, validation
-carve-out and seed as training used), preprocessed by the folder's own image processor. The figure shows each one as
+carve-out and split_seed as training used), preprocessed by the folder's own image processor. The figure shows each one as
 the model saw it (resized and cropped), with the rollout map of the CLS token over the patches overlaid and the title
 ``pred: X / true: Y`` (red and marked ``(wrong)`` when the prediction is wrong). It is written to
 ``<RUN_DIR>-eval/attention_rollout.png`` beside the run folder (for a checkpoint,
@@ -45,8 +45,7 @@ from transformers import AutoImageProcessor, ViTForImageClassification
 from safetensors import SafetensorError
 
 from hf_vit import durable
-from hf_vit.config import (CONFIG_FILE_NAME, DataArguments, TrainArguments, check_fields, check_value,
-                           read_run_config, shared_setting)
+from hf_vit.config import CONFIG_FILE_NAME, DataArguments, check_fields, read_run_config, shared_setting
 from hf_vit.data import DataSource, example_key, load_splits, to_rgb
 from hf_vit.data.decoding import open_image
 from hf_vit.errors import UserError, raise_user_errors, run_cli
@@ -188,8 +187,8 @@ def load_run_model(run_dir: str) -> tuple[ViTForImageClassification, object]:
 
 
 def run_data_source(run_dir: str, dataset_name: str | None = None,
-                    eval_split: str | None = None) -> tuple[DataSource, int]:
-    """The run's evaluation data and seed, from the settings it recorded (:func:`hf_vit.config.read_run_config`: a
+                    eval_split: str | None = None) -> DataSource:
+    """The run's evaluation data, from the settings it recorded (:func:`hf_vit.config.read_run_config`: a
     ``checkpoint-<N>`` folder of a run uses its run's), with ``dataset_name`` / ``eval_split`` overriding the run's
     when given (``eval_split=""``: no eval split, carve ``train_val_split`` out of train as training did). The values
     are checked against the settings' declared domains, whether recorded or given here."""
@@ -206,10 +205,10 @@ def run_data_source(run_dir: str, dataset_name: str | None = None,
         data_args.dataset_name = dataset_name
     if eval_split is not None:
         data_args.eval_split = eval_split
+    if recorded and "split_seed" not in recorded and "seed" in recorded:
+        data_args.split_seed = recorded["seed"]  # a run from before split_seed carved its validation with its seed
     check_fields(data_args)
-    seed = TrainArguments(**({"seed": recorded["seed"]} if recorded and "seed" in recorded else {})).seed
-    check_value("seed", seed)
-    return DataSource.from_args(data_args), seed
+    return DataSource.from_args(data_args)
 
 
 def _decode(image: dict) -> PIL.Image.Image:
@@ -219,14 +218,14 @@ def _decode(image: dict) -> PIL.Image.Image:
     return to_rgb(img)
 
 
-def first_eval_images(source: DataSource, seed: int, count: int) -> dict:
+def first_eval_images(source: DataSource, count: int) -> dict:
     """The first ``count`` decodable evaluation images of the run's data, in the dataset's order (deterministic).
 
     Returns ``{"images": [PIL RGB], "labels": [int], "keys": [example key], "label_names": [str]}``; fewer images
     when the evaluation split holds fewer. Data that cannot be loaded or decoded is a UserError.
     """
     try:
-        splits = load_splits(source, seed)
+        splits = load_splits(source)
     except (OSError, ValueError, ConnectionError) as err:
         raise UserError(f"cannot load dataset {source.name!r}: {str(err).splitlines()[0]}") from None
     if splits.eval is None:
@@ -312,10 +311,10 @@ def rollout_figure(run_dir: str, images: int = 8, output: str | None = None, dat
         raise UserError(f"--output {output!r} needs a file suffix matplotlib writes ({', '.join(sorted(formats))})")
 
     model, processor = load_run_model(run_dir)
-    source, seed = run_data_source(run_dir, dataset_name, eval_split)
+    source = run_data_source(run_dir, dataset_name, eval_split)
     check_outside_dataset(output, source, "--output")
     try:
-        data = first_eval_images(source, seed, images)
+        data = first_eval_images(source, images)
     except UserError as err:
         if dataset_name is not None:
             raise

@@ -232,10 +232,11 @@ def rotate(output_dir: str, limit: int | None) -> None:
 # The resolved settings that decide which examples a run sees, in which order, split how, through which model and
 # schedule. A resume whose identity differs in any of them is another run (docs/reliability.md, "Resume identity").
 IDENTITY_SETTINGS = (
-    "seed", "dataset_config_name", "train_split", "eval_split", "train_val_split", "train_fraction", "subset_seed",
-    "max_train_samples", "train_samples", "streaming", "shuffle_buffer_size", "stream_sharding",
-    "total_train_batch_size", "model_preset", "model_name_or_path", "num_train_epochs", "max_train_steps",
-    "learning_rate", "warmup_epochs", "warmup_start_lr", "min_lr", "head_lr_multiplier", "layer_decay",
+    "seed", "dataset_config_name", "dataset_revision", "train_split", "eval_split", "train_val_split", "split_seed",
+    "train_fraction", "subset_seed", "max_train_samples", "train_samples", "streaming", "shuffle_buffer_size",
+    "stream_sharding", "total_train_batch_size", "model_preset", "model_name_or_path", "num_train_epochs",
+    "max_train_steps", "learning_rate", "warmup_epochs", "warmup_start_lr", "min_lr", "head_lr_multiplier",
+    "layer_decay",
 )
 # The model's architecture, from its resolved config (a preset's values, or the checkpoint's it started from).
 IDENTITY_MODEL_FIELDS = ("model_type", "num_labels", "image_size", "patch_size", "hidden_size", "num_hidden_layers",

@@ -10,10 +10,10 @@ the sharding and the metrics are the training loop's (``hf_vit.scoring.evaluate_
 ``hf_vit.data.build_eval_data``), so a checkpoint scores here exactly what it scored at the end of training on the same
 images.
 
-``--train_val_split F --seed S`` evaluates the validation slice a training run with the same ``train_val_split``
-and ``seed`` carved out of ``--eval_split`` (how a train-only dataset such as CIFAR-10 is validated). Writes
-``eval_results.json``, ``confusion_matrix.json`` and ``confusion_matrix.png`` to ``--output_dir`` and prints the
-results table. The default output folder is a sibling of the model folder, ``<run>-eval/`` (for a checkpoint,
+``--train_val_split F --split_seed S`` evaluates the validation slice a training run with the same
+``train_val_split`` and ``split_seed`` carved out of ``--eval_split`` (how a train-only dataset such as CIFAR-10 is
+validated). Writes ``eval_results.json``, ``confusion_matrix.json`` and ``confusion_matrix.png`` to ``--output_dir``
+and prints the results table. The default output folder is a sibling of the model folder, ``<run>-eval/`` (for a checkpoint,
 ``<run>-eval/checkpoint-<N>/``; for a Hub id, ``./eval_<name>``): a run folder is written only by its own run, so
 this command never writes into one or into a checkpoint, and refuses an ``--output_dir`` that is a run folder, lies
 inside a checkpoint or inside a run in progress, or lies inside the dataset. The three files are written as a set
@@ -65,9 +65,9 @@ class EvalArguments:
     train_val_split: float = shared_setting(
         DataArguments, "train_val_split", default=0.0,
         help="Evaluate only the validation slice (fraction, or count if >= 1) that training carves out of eval_split "
-             "with the same train_val_split and seed; 0 evaluates the whole split.")
-    seed: int = shared_setting(TrainArguments, "seed",
-                               help="Seed of the carved validation slice (the training run's seed).")
+             "with the same train_val_split and split_seed; 0 evaluates the whole split.")
+    split_seed: int = shared_setting(DataArguments, "split_seed",
+                                     help="Seed of the carved validation slice (the training run's split_seed).")
     per_device_eval_batch_size: int = shared_setting(TrainArguments, "per_device_eval_batch_size")
     max_eval_samples: Optional[int] = shared_setting(DataArguments, "max_eval_samples")
     # Not the run's output_dir: where this command's results go, never a run folder.
@@ -114,7 +114,7 @@ def data_source(args: EvalArguments) -> DataSource:
     carve = args.train_val_split > 0
     return DataSource.named(
         args.dataset_name, config_name=args.dataset_config_name, train_split=args.eval_split,
-        eval_split=None if carve else args.eval_split, train_val_split=args.train_val_split,
+        eval_split=None if carve else args.eval_split, train_val_split=args.train_val_split, split_seed=args.split_seed,
         image_column_name=args.image_column_name, label_column_name=args.label_column_name,
         max_eval_samples=args.max_eval_samples)
 
@@ -162,7 +162,7 @@ def evaluate(args: EvalArguments) -> dict:
             raise UserError(f"pass --eval_split; dataset {args.dataset_name!r} has splits {splits}")
         if args.eval_split not in splits:
             raise UserError(f"split {args.eval_split!r} not found; dataset {args.dataset_name!r} has splits {splits}")
-        data = load_splits(source, args.seed, loaded)
+        data = load_splits(source, loaded)
     check_labels([config.id2label[i] for i in range(config.num_labels)], data.label_names, args.model_name_or_path,
                  args.dataset_name)
     if not data.num_eval_examples:
@@ -176,9 +176,8 @@ def evaluate(args: EvalArguments) -> dict:
                         f"({err}); evaluate a ViT checkpoint with a ViT/DeiT image processor") from None
 
     acc = build_accelerator(args.mixed_precision)
-    eval_data = build_eval_data(data, spec, args.dataloader_num_workers, args.per_device_eval_batch_size, args.seed,
-                                acc)
-    what = (f"the {args.train_val_split:g} validation slice (seed {args.seed}) of split {args.eval_split!r}"
+    eval_data = build_eval_data(data, spec, args.dataloader_num_workers, args.per_device_eval_batch_size, acc)
+    what = (f"the {args.train_val_split:g} validation slice (split_seed {args.split_seed}) of split {args.eval_split!r}"
             if args.train_val_split > 0 else f"split {args.eval_split!r}")
     logger.info("Evaluating %s on %s of %s: %d examples, %d process(es), image size %d, mean %s, std %s",
                 args.model_name_or_path, what, args.dataset_name, data.num_eval_examples, acc.num_processes,
@@ -193,7 +192,7 @@ def evaluate(args: EvalArguments) -> dict:
     results = {**eval_results(metrics), "per_class": metrics["per_class"],
                "confusion_matrix": metrics["confusion_matrix"], "model_name_or_path": args.model_name_or_path,
                "dataset_name": args.dataset_name, "eval_split": args.eval_split,
-               "train_val_split": args.train_val_split, "seed": args.seed}
+               "train_val_split": args.train_val_split, "split_seed": args.split_seed}
     if acc.is_main_process:
         _write(results, data.label_names, output_dir)
     acc.wait_for_everyone()

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from . import durable
+from .predictions import write_predictions
+from .run_dir import PREDICTION_FILES
 from .scoring import eval_results
 
 
@@ -22,12 +24,13 @@ def hardware_description(accelerator) -> str:
 
 def write_final_outputs(output_dir: str, model, state_dict, processor, results: dict, eval_metrics: dict | None,
                         final_weights: str, log_history: list, label_names: list[str], config: dict,
-                        hardware: str) -> None:
+                        hardware: str, predictions: dict[str, list] | None = None) -> None:
     """Write every final file of a run (main process only): ``model`` with ``state_dict`` (None: the model's own),
     ``results`` as all_results.json, ``eval_metrics`` (:func:`hf_vit.scoring.evaluate_classifier`'s dict, or None
     when there was no evaluation) as eval_results.json and the confusion-matrix plot, the log history and its
-    learning curve, and the model card. Called on the staging folder of :class:`hf_vit.run_dir.FinalOutputs`, which
-    commits them as a set; each file is also written through :mod:`hf_vit.durable`."""
+    learning curve, the model card, and ``predictions`` (``{set: rows}``, sets named as in
+    :data:`hf_vit.run_dir.PREDICTION_FILES`) as CSV files (:func:`hf_vit.predictions.write_predictions`). Called on
+    the staging folder of :class:`hf_vit.run_dir.FinalOutputs`, which commits them as a set; each file is also written through :mod:`hf_vit.durable`."""
     from .report import plot_confusion_matrix, plot_learning_curve, write_model_card
 
     out = Path(output_dir)
@@ -40,6 +43,8 @@ def write_final_outputs(output_dir: str, model, state_dict, processor, results: 
                    "confusion_matrix": eval_metrics["confusion_matrix"]}
         durable.write_json(out / "eval_results.json", details, indent=2)
         plot_confusion_matrix(eval_metrics["confusion_matrix"], label_names, out / "confusion_matrix.png")
+    for name, rows in (predictions or {}).items():
+        write_predictions(out / PREDICTION_FILES[name], rows)
     plot_learning_curve(log_history, out / "learning_curve.png")
     write_model_card(out, config, results, label_names, hardware, results["train_runtime"], config["dataset_name"],
                      config.get("model_name_or_path") or config.get("model_preset"), model_type=model.config.model_type)

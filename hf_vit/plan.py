@@ -271,7 +271,7 @@ def make_plan(cfg: RunConfig, state=None, splits=None) -> RunPlan:
         state = PartialState(cpu=cpu_only_distributed())
     if splits is None:
         with main_process_first(state):
-            splits = load_splits(source, cfg.train.seed)
+            splits = load_splits(source)
     plan = resolve_plan(cfg, state.num_processes, DataFacts.from_splits(splits, cfg.data))
     plan.splits = splits
     return plan
@@ -359,7 +359,7 @@ def data_facts(cfg: RunConfig) -> DataFacts:
         if facts is not None:
             return facts
     try:
-        return DataFacts.from_splits(load_splits(cfg.data, cfg.train.seed), cfg.data)
+        return DataFacts.from_splits(load_splits(cfg.data), cfg.data)
     except UserError as err:
         try:
             from .rehearsal import recorded_data_facts

@@ -16,8 +16,10 @@ from typing import Any
 import evaluate
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 
 from hf_vit.metrics import load_metric
+from hf_vit.predictions import scored_set_fingerprint
 
 logger = logging.getLogger("hf_vit")
 
@@ -125,10 +127,12 @@ def format_results_table(results: dict[str, Any], label_names: list[str] | None 
 
 
 def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: torch.Tensor,
-                        label_names: list[str]) -> dict:
+                        label_names: list[str], predictions: bool = False) -> dict:
     """Evaluate ``model`` over ``eval_data`` (device batches, :class:`hf_vit.data.EvalData`) exactly once across
     processes; returns :func:`compute_metrics`'s dict plus ``loss`` (mean cross-entropy) and ``samples``, or None
-    when no eval example was usable.
+    when no eval example was usable. With ``predictions``, also ``predictions``: the rows
+    ``(index, key, label, prediction)`` of every scored example in the split's order (:mod:`hf_vit.predictions`),
+    the same on any number of processes, and ``fingerprint``, their :func:`~hf_vit.predictions.scored_set_fingerprint`.
 
     Ranks may hold different numbers of eval examples, and the batches come from our own sharding rather than a
     loader accelerate prepared, so accelerate's ``gather_for_metrics`` cannot know what to drop: predictions are
@@ -138,7 +142,7 @@ def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: 
 
     model.eval()
     device = accelerator.device
-    logits_all, labels_all, loss_sum, bad = [], [], 0.0, []
+    logits_all, labels_all, positions_all, keys_all, loss_sum, bad = [], [], [], [], 0.0, []
     # closing: an error mid-way shuts the loader workers down now, not at interpreter exit (where they could hang it)
     with torch.no_grad(), contextlib.closing(iter(eval_data)) as batches:
         for batch in batches:
@@ -150,6 +154,8 @@ def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: 
             loss_sum += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
             logits_all.append(logits)
             labels_all.append(batch.labels)
+            positions_all += batch.positions
+            keys_all += batch.keys
     if bad:
         logger.warning("%d eval images were unusable and left out of the evaluation, e.g. %s", len(bad), bad[:3])
     logits = torch.cat(logits_all) if logits_all else torch.zeros(0, len(label_names), device=device)
@@ -157,18 +163,29 @@ def evaluate_classifier(model, eval_data, accelerator, mean: torch.Tensor, std: 
     counts = accelerator.gather(torch.tensor([len(labels)], device=device)).tolist()
     logits = accelerator.gather(accelerator.pad_across_processes(logits, dim=0))
     labels = accelerator.gather(accelerator.pad_across_processes(labels, dim=0))
+    if predictions:  # positions travel as the labels do; the keys (strings) as objects, in the same rank order
+        positions = torch.tensor(positions_all, dtype=torch.long, device=device)
+        positions = accelerator.gather(accelerator.pad_across_processes(positions, dim=0))
+        keys = gather_object(keys_all) if accelerator.num_processes > 1 else keys_all
     loss_total = accelerator.reduce(torch.tensor([loss_sum], device=device), "sum").item()
     # Unpad: each rank contributed max(counts) rows, of which its own count are real.
     width = max(counts) if counts else 0
     if width:
         keep = torch.cat([torch.arange(r * width, r * width + c) for r, c in enumerate(counts)])
         logits, labels = logits[keep], labels[keep]
+        if predictions:
+            positions = positions[keep]
     n = int(sum(counts))
     if not n:  # every eval image was unusable (the same answer on every rank: the counts are gathered)
         return None
     metrics = compute_metrics(logits.cpu().numpy(), labels.cpu().numpy(), label_names)
     metrics["loss"] = loss_total / max(1, n)
     metrics["samples"] = n
+    if predictions:
+        top1 = logits.argmax(dim=1).tolist()
+        rows = sorted(zip(positions.tolist(), keys, labels.tolist(), top1))
+        metrics["predictions"] = rows
+        metrics["fingerprint"] = scored_set_fingerprint(rows)
     return metrics
 
 

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import datasets
 import torch
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
@@ -134,7 +135,7 @@ class Run:
         self.train_data = build_train_data(self.data, self.spec, data_args, plan.topology, train_args.seed, acc,
                                            plan.data.unit_rows)
         self.eval_data = build_eval_data(self.data, self.spec, data_args.dataloader_num_workers,
-                                         train_args.per_device_eval_batch_size, train_args.seed, acc)
+                                         train_args.per_device_eval_batch_size, acc)
         self.steps_per_epoch, self.total_steps, self.warmup_steps = (plan.steps_per_epoch, plan.total_steps,
                                                                      plan.warmup_steps)
 
@@ -429,8 +430,9 @@ class Run:
         """Evaluate (and the EMA weights too); None, with a warning, when no eval image was usable."""
         acc = self.accelerator
         self.evaluated_at = self.state.global_step
+        # With predictions every time: the last evaluation is the final one whenever it falls on the last step.
         raw = evaluate_classifier(acc.unwrap_model(self.model), self.eval_data, acc, self.mean, self.std,
-                                  self.label_names)
+                                  self.label_names, predictions=True)
         if raw is None:
             logger.warning("step %d: evaluation skipped, none of the eval images could be used (see the warning "
                            "above)", self.state.global_step)
@@ -439,7 +441,7 @@ class Run:
                   **eval_results(raw)}
         if self.ema is not None:
             raw["ema"] = evaluate_classifier(self.ema.module, self.eval_data, acc, self.mean, self.std,
-                                             self.label_names)
+                                             self.label_names, predictions=True)
             record.update(eval_results(raw["ema"], prefix="eval_ema_"))
         self._log(record)
         logger.info("step %d: eval_accuracy %.4f%s", self.state.global_step, raw["accuracy"],
@@ -466,13 +468,21 @@ class Run:
                     final_weights, model = "ema", self.ema.module
                     eval_metrics = {**eval_metrics["ema"], "ema": eval_metrics["ema"]}
         results["final_weights"] = final_weights
+        predictions = {}
+        if eval_metrics is not None:
+            results["eval_fingerprint"], predictions["eval"] = eval_metrics["fingerprint"], eval_metrics["predictions"]
+        for name, scored in self._score_final_sets(model).items():
+            results.update({f"{name}_accuracy": scored["accuracy"], f"{name}_samples": scored["samples"],
+                            f"{name}_fingerprint": scored["fingerprint"]})
+            predictions[name] = scored["predictions"]
         # Under FSDP the raw weights are sharded: every rank takes part in gathering the full state dict. (The EMA
         # copy is a plain module on each rank.)
         state_dict = acc.get_state_dict(self.model) if final_weights == "raw" else None
         if acc.is_main_process:
             with FinalOutputs(args.output_dir) as staging:  # committed as a whole: a kill leaves the old set or the new
                 write_final_outputs(staging, model, state_dict, self.processor, results, eval_metrics, final_weights,
-                                    state.log_history, self.label_names, cfg.to_dict(), hardware_description(acc))
+                                    state.log_history, self.label_names, cfg.to_dict(), hardware_description(acc),
+                                    predictions)
             if eval_metrics is not None:
                 print(f"Final eval accuracy: {eval_metrics['accuracy']:.4f} ({eval_metrics['samples']} images of "
                       f"{cfg.data.dataset_name}, {final_weights} weights)", flush=True)
@@ -480,6 +490,29 @@ class Run:
                 self.pusher.on_end()
         acc.wait_for_everyone()
         return results
+
+    def _score_final_sets(self, model) -> dict[str, dict]:
+        """Score ``model`` (the final weights) once on ``test_split`` and on the first ``train_eval_samples`` images
+        of the training set as the run trained on it (carve-out, subset and caps applied), both in eval mode with the
+        eval transform: ``{"test" | "train_eval": evaluate_classifier's dict with predictions}``; a set with no
+        usable image is left out, with evaluate_classifier's warning."""
+        data_args, acc = self.cfg.data, self.accelerator
+        sets = {}
+        if self.data.test is not None:
+            sets["test"] = self.data.test
+        if data_args.train_eval_samples:
+            train, n = self.data.train, data_args.train_eval_samples
+            sets["train_eval"] = train.select(range(min(n, len(train)))) if isinstance(train, datasets.Dataset) \
+                else train.take(n)
+        scored = {}
+        for name, split in sets.items():
+            data = build_eval_data(self.data, self.spec, data_args.dataloader_num_workers,
+                                   self.cfg.train.per_device_eval_batch_size, acc, split=split)
+            metrics = evaluate_classifier(model, data, acc, self.mean, self.std, self.label_names, predictions=True)
+            if metrics is not None:
+                scored[name] = metrics
+                logger.info("%s_accuracy %.4f on %d images", name, metrics["accuracy"], metrics["samples"])
+        return scored
 
 
 def train(cfg: RunConfig) -> dict:

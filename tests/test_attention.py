@@ -144,7 +144,7 @@ def run_dir(tmp_path):
 def first_eval_rows(run, count):
     """The run's validation slice as training carves it: (labels, keys, 8x8 RGB pixels) of its first ``count``."""
     recipe = yaml.safe_load((run / "train_config.yaml").read_text())
-    splits = load_splits(DataArguments(dataset_name=recipe["dataset_name"], train_val_split=0.5), SEED)
+    splits = load_splits(DataArguments(dataset_name=recipe["dataset_name"], train_val_split=0.5))
     rows = list(splits.eval)[:count]
     pixels = [np.asarray(PILImage.open(io.BytesIO(r["image"]["bytes"])).convert("RGB")) for r in rows]
     return [CLASSES[r["label"]] for r in rows], [example_key(r["image"]) for r in rows], pixels

@@ -92,24 +92,25 @@ def test_column_detection_and_errors_list_the_columns(tmp_path):
     odd = write_parquet_folder(tmp_path / "odd", {"train": make_dataset(8, image_col="picture", label_col="target")},
                                shards=1)
     with pytest.raises(UserError, match=r"no image column found.*\['picture', 'target'\]"):
-        load_splits(DataArguments(dataset_name=str(odd)), seed=0)
+        load_splits(DataArguments(dataset_name=str(odd)))
     with pytest.raises(UserError, match=r"label column 'lbl' not found.*\['picture', 'target'\]"):
-        load_splits(DataArguments(dataset_name=str(odd), image_column_name="picture", label_column_name="lbl"), 0)
+        load_splits(DataArguments(dataset_name=str(odd), image_column_name="picture", label_column_name="lbl"))
     splits = load_splits(DataArguments(dataset_name=str(odd), image_column_name="picture", label_column_name="target",
-                                       train_val_split=0), seed=0)
+                                       train_val_split=0))
     assert (splits.image_column, splits.label_column, splits.label_names) == ("picture", "target", CLASSES)
     with pytest.raises(UserError, match=r"split 'validation' not found.*\['train'\]"):
         load_splits(DataArguments(dataset_name=str(odd), image_column_name="picture", label_column_name="target",
-                                  eval_split="validation"), seed=0)
+                                  eval_split="validation"))
 
 
 def _keys(ds, image_col="image") -> list[str]:
     return [example_key(row[image_col]) for row in ds]
 
 
-def test_validation_carve_out_is_fixed_by_the_seed_and_the_same_streaming(parquet_200):
-    def carve(seed, streaming):
-        s = load_splits(DataArguments(dataset_name=str(parquet_200), train_val_split=0.2, streaming=streaming), seed)
+def test_validation_carve_out_is_fixed_by_the_split_seed_and_the_same_streaming(parquet_200):
+    def carve(split_seed, streaming):
+        s = load_splits(DataArguments(dataset_name=str(parquet_200), train_val_split=0.2, split_seed=split_seed,
+                                      streaming=streaming))
         return s, set(_keys(s.train)), set(_keys(s.eval))
 
     s, train, val = carve(0, streaming=False)
@@ -120,22 +121,22 @@ def test_validation_carve_out_is_fixed_by_the_seed_and_the_same_streaming(parque
     assert (s_train, s_val) == (train, val)  # the same slice in streaming mode
     assert (streamed.num_train_examples, streamed.num_eval_examples) == (len(train), len(val))
     assert "counted" in streamed.num_train_examples_source
-    assert carve(1, streaming=False)[2] != val  # another seed, another slice
-    by_count = load_splits(DataArguments(dataset_name=str(parquet_200), train_val_split=50), seed=0)
+    assert carve(1, streaming=False)[2] != val  # another split_seed, another slice
+    by_count = load_splits(DataArguments(dataset_name=str(parquet_200), train_val_split=50))
     assert 30 <= by_count.num_eval_examples <= 70
 
 
 def test_streaming_epoch_length_source_is_said(parquet_200, saved_101):
-    from_footers = load_splits(DataArguments(dataset_name=str(parquet_200), streaming=True, train_val_split=0), 0)
+    from_footers = load_splits(DataArguments(dataset_name=str(parquet_200), streaming=True, train_val_split=0))
     assert from_footers.num_train_examples == 200
     assert from_footers.num_train_examples_source in ("dataset metadata", "parquet metadata")
-    given = load_splits(DataArguments(dataset_name=str(parquet_200), streaming=True, train_samples=150), 0)
+    given = load_splits(DataArguments(dataset_name=str(parquet_200), streaming=True, train_samples=150))
     assert (given.num_train_examples, given.num_train_examples_source) == (150, "train_samples")
     subset = load_splits(DataArguments(dataset_name=str(saved_101), streaming=True, train_val_split=0,
-                                       train_fraction=0.5), 0)
+                                       train_fraction=0.5))
     assert isinstance(subset.train, datasets.IterableDataset)
     assert subset.num_train_examples == len(_keys(subset.train)) == \
-        load_splits(DataArguments(dataset_name=str(saved_101), train_val_split=0, train_fraction=0.5), 0) \
+        load_splits(DataArguments(dataset_name=str(saved_101), train_val_split=0, train_fraction=0.5)) \
         .num_train_examples
 
 
@@ -156,7 +157,7 @@ def test_subset_fingerprint_same_streaming_and_map_style_and_count_within_1_perc
     assert other["subset_fingerprint"] != mapped["subset_fingerprint"]
     assert abs(other["selected_examples"] - 0.69 * rows) <= 0.01 * 0.69 * rows
     # What training selects is that subset (less the validation carve-out).
-    splits = load_splits(DataArguments(**base, train_val_split=0), seed=0)
+    splits = load_splits(DataArguments(**base, train_val_split=0))
     assert splits.num_train_examples == mapped["selected_examples"]
 
 
@@ -207,7 +208,7 @@ SOURCES = {"map": ("parquet_200", False, (1, 2), (0, 1)), "streaming": ("saved_1
 def test_every_example_reaches_exactly_one_consumer_per_epoch(source, request):
     fixture, streaming, worlds, epochs = SOURCES[source]
     path = request.getfixturevalue(fixture)
-    splits = load_splits(DataArguments(dataset_name=str(path), streaming=streaming, train_val_split=0), 0)
+    splits = load_splits(DataArguments(dataset_name=str(path), streaming=streaming, train_val_split=0))
     all_keys = set(_keys(splits.train))
     n, block, workers = len(all_keys), 6, 2
     orders = []
@@ -237,7 +238,7 @@ def test_stream_sharding_by_shards_reads_each_record_once_and_keeps_ranks_in_ste
 
     files = sorted((imagenet_sample_path / "data").glob("*.parquet"))
     shard_of = {example_key(row): i for i, f in enumerate(files) for row in pq.read_table(f).column("image").to_pylist()}
-    splits = load_splits(DataArguments(dataset_name=str(imagenet_sample_path), streaming=True, train_val_split=0), 0)
+    splits = load_splits(DataArguments(dataset_name=str(imagenet_sample_path), streaming=True, train_val_split=0))
     n, world, workers, block = len(shard_of), 2, 2, 8
     planned = Topology(world, workers, block).micro_batches(n)
     assert planned == n // (block * world) == 62
@@ -263,7 +264,7 @@ def test_stream_sharding_by_shards_reads_each_record_once_and_keeps_ranks_in_ste
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
 def test_resume_skipping_k_micro_batches_yields_the_rest_of_the_epoch(parquet_200, saved_101, streaming):
     path = saved_101 if streaming else parquet_200
-    splits = load_splits(DataArguments(dataset_name=str(path), streaming=streaming, train_val_split=0), 0)
+    splits = load_splits(DataArguments(dataset_name=str(path), streaming=streaming, train_val_split=0))
     whole = _epoch(splits.train, 1, 2, 2, 5, epoch=2)
     assert len(whole) == (10 if streaming else 20)
     for k in (1, 3, 8):  # 1 and 3 are not multiples of the 2 workers
@@ -271,7 +272,7 @@ def test_resume_skipping_k_micro_batches_yields_the_rest_of_the_epoch(parquet_20
 
 
 def test_resumed_batches_are_bit_identical_including_augmentation(parquet_200):
-    splits = load_splits(DataArguments(dataset_name=str(parquet_200), train_val_split=0), 0)
+    splits = load_splits(DataArguments(dataset_name=str(parquet_200), train_val_split=0))
     spec = ImageSpec(8, (0.5,) * 3, (0.5,) * 3, 8, crop_padding=2)
     collate = DecodeCollate(train_transform(spec, DataArguments(crop_padding=2, augmentation="enhanced")), "image",
                             "label", 4, seed=5, train=True)
@@ -287,7 +288,7 @@ def test_resumed_batches_are_bit_identical_including_augmentation(parquet_200):
 
 
 def test_a_stream_shorter_or_longer_than_planned_still_gives_the_planned_micro_batches(saved_101):
-    stream_ds = load_splits(DataArguments(dataset_name=str(saved_101), streaming=True, train_val_split=0), 0).train
+    stream_ds = load_splits(DataArguments(dataset_name=str(saved_101), streaming=True, train_val_split=0)).train
     # 101 examples, 2 ranks x 12. Planned for 120 (an over-estimate): 5 micro-batches per rank; each rank's share of
     # the stream holds about 50, so its fifth micro-batch is short, and nothing comes twice.
     per_rank = [_epoch(stream_ds, rank, 2, 1, 12, num_examples=120) for rank in range(2)]
@@ -710,7 +711,7 @@ def test_a_stream_shorter_than_its_plan_ends_in_empty_micro_batches(imagenet_sam
     """A stream that holds less than the plan (here: the plan assumes 1,200 examples over the 4 files of 250) ends
     each consumer's share with empty micro-batches, so that every rank still runs the planned number; the log says
     which consumer."""
-    splits = load_splits(DataArguments(dataset_name=str(imagenet_sample_path), streaming=True, train_val_split=0), 0)
+    splits = load_splits(DataArguments(dataset_name=str(imagenet_sample_path), streaming=True, train_val_split=0))
     with caplog.at_level("WARNING", logger="hf_vit.data"):  # no loader workers: the stream runs in this process
         batches = _epoch(splits.train, 0, 2, 0, 50, num_examples=1200)  # 2 consumers, half the stream each
     assert len(batches) == 1200 // 100 == 12

@@ -22,7 +22,7 @@ def test_demo_falls_back_to_generated_data_and_says_so(tmp_path, monkeypatch, ca
     assert results["global_step"] == 4
     # Evaluated on the recipe's validation carve-out of the generated data, every image of it.
     cfg = parse_config(["--config", str(demo.RECIPE), "--dataset_name", f"{out}_synthetic_data"])
-    held_out = load_splits(cfg.data, cfg.train.seed).num_eval_examples
+    held_out = load_splits(cfg.data).num_eval_examples
     assert held_out > 100 and results["eval_samples"] == held_out
     assert f"final eval accuracy {results['eval_accuracy']:.4f} on {held_out} held-out images" in printed
 

@@ -23,10 +23,10 @@ RUN_ARGS = [*TINY_ARGS, "--max_train_samples", "320", "--num_train_epochs", "1",
 
 
 def eval_args(model_dir, *extra) -> list[str]:
-    """The eval command on the validation slice the training run carved out (TINY_ARGS: 2% of train, seed 42,
+    """The eval command on the validation slice the training run carved out (TINY_ARGS: 2% of train, split_seed 0,
     capped at 128 examples)."""
     return ["--model_name_or_path", str(model_dir), "--dataset_name", str(CIFAR10), "--eval_split", "train",
-            "--train_val_split", "0.02", "--seed", "42", "--max_eval_samples", "128",
+            "--train_val_split", "0.02", "--split_seed", "0", "--max_eval_samples", "128",
             "--per_device_eval_batch_size", "16", "--dataloader_num_workers", "0", *extra]
 
 

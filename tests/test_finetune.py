@@ -290,7 +290,7 @@ def test_saved_image_processor_reproduces_the_eval_loop_under_pipeline(finetuned
     out, _ = finetuned
     eval_results = json.loads((out / "eval_results.json").read_text())
     # The same 64 validation images the run evaluated (same carve-out rule, seed and cap).
-    data = load_splits(DataArguments(dataset_name=str(cifar10_path), max_train_samples=256, max_eval_samples=64), 42)
+    data = load_splits(DataArguments(dataset_name=str(cifar10_path), max_train_samples=256, max_eval_samples=64))
     rows = [data.eval[i] for i in range(len(data.eval))]
     images = [PIL.Image.open(io.BytesIO(r["img"]["bytes"])) for r in rows]
     labels = [r["label"] for r in rows]

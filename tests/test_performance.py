@@ -40,7 +40,7 @@ def _spec(size=32, padding=4):
 def cifar_small(cifar10_path):
     """200 CIFAR-10 training images (undecoded), as the trainer loads them."""
     args = DataArguments(dataset_name=str(cifar10_path), crop_padding=4, max_train_samples=200)
-    return load_splits(args, seed=SEED)
+    return load_splits(args)
 
 
 def _device_data(splits, rank=0, world=1, size=32, padding=4, augmentation="basic", seed=SEED):
@@ -186,7 +186,7 @@ def test_unsupported_uses_are_one_line_errors(cifar_small, cifar10_path):
         DeviceTrainData(cifar_small.train, cifar_small.image_column, cifar_small.label_column, 10,
                         _spec(padding=None), args, BLOCK, 0, 1, SEED)
     streamed = load_splits(DataArguments(dataset_name=str(cifar10_path), streaming=True, crop_padding=4,
-                                         train_val_split=0), seed=SEED)
+                                         train_val_split=0))
     with pytest.raises(UserError, match="map-style"):
         DeviceTrainData(streamed.train, streamed.image_column, streamed.label_column, 10, _spec(),
                         DataArguments(crop_padding=4), BLOCK, 0, 1, SEED)

@@ -544,7 +544,7 @@ def test_fine_tuning_loads_safetensors_without_remote_code(references, monkeypat
     monkeypatch.setattr(datasets, "load_dataset", recording("dataset", datasets.load_dataset))
     cfg = parse_config([*TINY_ARGS, "--model_name_or_path", str(references["map"])])
     assert cfg.model.trust_remote_code is False
-    splits = data.load_splits(cfg.data, cfg.train.seed)
+    splits = data.load_splits(cfg.data)
     models.build_model(cfg.model, splits.label_names)
     assert {name for name, _ in calls} == {"model", "dataset"}
     assert all(not kwargs.get("trust_remote_code") for _, kwargs in calls), calls

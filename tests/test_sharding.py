@@ -124,7 +124,7 @@ def _stream(path):
     from hf_vit.data.factory import stream_unit_rows
 
     args = DataArguments(dataset_name=str(path), streaming=True, train_val_split=0)
-    splits = load_splits(args, 0)
+    splits = load_splits(args)
     return splits, stream_unit_rows(splits, args)
 
 
@@ -173,7 +173,7 @@ def test_a_filtered_stream_is_still_exactly_once(many_row_groups):
     from hf_vit.data.factory import stream_unit_rows
 
     args = DataArguments(dataset_name=str(many_row_groups), streaming=True, train_val_split=0.2)
-    splits = load_splits(args, 0)
+    splits = load_splits(args)
     validation = {example_key(r["image"]) for r in splits.eval}
     topology = Topology(2, 2, 3, 1)
     seen = []

@@ -138,6 +138,10 @@ def validate(cfg: RunConfig, source=None) -> None:
     if d.train_val_split >= 1 and not float(d.train_val_split).is_integer():
         raise UserError(f"train_val_split={d.train_val_split} must be a fraction below 1 or a whole number of "
                         "examples")
+    if d.test_split and d.test_split in (d.train_split, d.eval_split):
+        # A test split scored during training (or trained on) would no longer be held out.
+        raise UserError(f"test_split={d.test_split!r} is also the {'train' if d.test_split == d.train_split else 'eval'}"
+                        "_split; pass a split the run neither trains nor evaluates on")
     if m.image_size is not None:
         check_crop_padding(d.crop_padding, m.image_size)
     if not m.model_preset and not m.model_name_or_path:

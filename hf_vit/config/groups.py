@@ -54,6 +54,10 @@ class DataArguments:
         "Hub dataset id, or a local path (parquet folder, imagefolder tree, or saved dataset).",
     )
     dataset_config_name: Optional[str] = setting(None, TEXT, "Dataset configuration name.")
+    dataset_revision: Optional[str] = setting(
+        None, TEXT,
+        "Hub revision (branch, tag or commit) of dataset_name, to pin the data a run used; ignored for a local folder.",
+    )
     train_split: str = setting("train", TEXT, "Split to train on.")
     eval_split: Optional[str] = setting(  # "" = no eval split: carve train_val_split from train
         None, Domain(allow_empty=True),
@@ -62,6 +66,16 @@ class DataArguments:
     train_val_split: float = setting(  # a fraction below 1, else a count (whole: see validate)
         0.02, Domain(0, MAX_COUNT),
         "Fraction (or count, if >= 1) of train held out for validation when there is no eval split.",
+    )
+    split_seed: int = setting(
+        0, SEED,
+        "Seed of the train_val_split carve-out (independent of seed, so every training seed of a study is scored on the"
+        " same images).",
+    )
+    test_split: Optional[str] = setting(
+        None, TEXT,
+        "Split scored once with the final weights after training (test_accuracy, per-example predictions); never used "
+        "during training or by eval_steps.",
     )
     image_column_name: Optional[str] = setting(None, TEXT, "Image column (auto-detected if unset).")
     label_column_name: Optional[str] = setting(None, TEXT, "Label column (auto-detected if unset).")
@@ -89,6 +103,12 @@ class DataArguments:
     subset_seed: int = setting(0, SEED, "Seed of the train_fraction subset (independent of seed).")
     max_train_samples: Optional[int] = setting(None, COUNT, "Truncate train (debugging).")
     max_eval_samples: Optional[int] = setting(None, COUNT, "Truncate eval (debugging).")
+    train_eval_samples: Optional[int] = setting(
+        None, COUNT,
+        "Score the final weights in eval mode, without augmentation, on this many fixed training images (the first "
+        "ones of the run's training set, after train_fraction): train_eval_accuracy, the generalisation gap measured "
+        "as the eval set is.",
+    )
     augmentation: Literal["basic", "enhanced"] = setting(
         "basic", ANY,
         "basic: crop + flip; enhanced: adds TrivialAugmentWide + RandomErasing.",

@@ -12,13 +12,15 @@ import torch
 class Batch:
     """One micro-batch: ``pixel_values`` uint8 (B, 3, S, S) and ``labels`` int64 (B,) — on the device once
     :meth:`to` moved them — the B examples' ``keys`` (``keys.example_key``), ``bad_keys`` (``"key (reason)"`` of the
-    examples dropped as unusable) and ``num_examples`` (examples in, good or bad). B may be 0."""
+    examples dropped as unusable), ``num_examples`` (examples in, good or bad) and, for eval data, the B examples'
+    ``positions`` in the split as loaded (empty for train batches). B may be 0."""
 
     pixel_values: torch.Tensor
     labels: torch.Tensor
     keys: list[str] = field(default_factory=list)
     bad_keys: list[str] = field(default_factory=list)
     num_examples: int = 0
+    positions: list[int] = field(default_factory=list)
 
     def to(self, device: torch.device) -> Batch:
         """The batch with its tensors on ``device`` (a pinned copy runs asynchronously)."""

@@ -127,13 +127,17 @@ def build_train_data(splits: DataSplits, spec: ImageSpec, args: DataArguments, t
     return LoaderTrainData(stream, collate, topology.workers, device, finish)
 
 
-def build_eval_data(splits: DataSplits, spec: ImageSpec, workers: int, per_device_batch: int, seed: int,
-                    state) -> EvalData | None:
+def build_eval_data(splits: DataSplits, spec: ImageSpec, workers: int, per_device_batch: int, state,
+                    split=None) -> EvalData | None:
     """The eval data of a run or of the eval command (None when there is no eval split), read by ``workers`` loader
-    workers per process (``dataloader_num_workers``); ``state`` as for :func:`build_train_data`."""
-    if splits.eval is None:
+    workers per process (``dataloader_num_workers``); ``state`` as for :func:`build_train_data`. ``split``: another
+    split of ``splits``' dataset to score the same way (the test split, the first training images), instead of
+    ``splits.eval``."""
+    split = splits.eval if split is None else split
+    if split is None:
         return None
-    stream = ExampleStream(splits.eval, per_device_batch, state.process_index, state.num_processes, workers)
+    stream = ExampleStream(split, per_device_batch, state.process_index, state.num_processes, workers)
+    # No augmentation in eval mode, so no seed.
     collate = DecodeCollate(eval_transform(spec), splits.image_column, splits.label_column, len(splits.label_names),
-                            seed, train=False)
+                            0, train=False)
     return EvalData(stream, collate, workers, state.device)

@@ -29,6 +29,10 @@ from .sharding import Segment, StreamPlan, Topology, map_positions, unit_permuta
 
 logger = logging.getLogger(__name__)
 
+# The field :class:`ExampleStream` adds to each raw example: its position in the split as loaded, which the collate
+# hands on (``Batch.positions``) so that per-example predictions are in the split's order on any number of consumers.
+POSITION = "__position__"
+
 
 class DecodeCollate:
     """Loader ``collate_fn``: decode, check and transform raw examples into a uint8 batch.
@@ -80,7 +84,7 @@ class DecodeCollate:
         return pixels, label, key
 
     def __call__(self, examples: list[dict]) -> Batch:
-        pixels, labels, keys, bad = [], [], [], []
+        pixels, labels, keys, bad, positions = [], [], [], [], []
         real = list(examples)
         for example in real:
             try:
@@ -94,12 +98,14 @@ class DecodeCollate:
             pixels.append(p)
             labels.append(y)
             keys.append(k)
+            if POSITION in example:
+                positions.append(example[POSITION])
         if pixels:
             # Stack as (B, H, W, 3): a plain copy of each channels-last image; then view it as (B, 3, H, W).
             batch = torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
         else:
             batch = torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return Batch(batch, torch.tensor(labels, dtype=torch.long), keys, bad, len(real))
+        return Batch(batch, torch.tensor(labels, dtype=torch.long), keys, bad, len(real), positions)
 
 
 class _SharedCounters:
@@ -243,7 +249,8 @@ class TrainStream(torch.utils.data.IterableDataset):
 class ExampleStream(torch.utils.data.IterableDataset):
     """An evaluation split walked once, in order, over processes x loader workers: block b (of ``block_size``
     examples) goes to consumer ``b % C``; nothing is dropped, ranks may get different counts (the gather in
-    :mod:`hf_vit.scoring` unpads by the per-rank counts). Items are blocks (lists of raw examples)."""
+    :mod:`hf_vit.scoring` unpads by the per-rank counts). Items are blocks (lists of raw examples, each with its
+    position in the split under :data:`POSITION`)."""
 
     def __init__(self, ds, block_size: int, rank: int, world: int, num_workers: int):
         self.ds, self.block, self.rank, self.world = ds, block_size, rank, world
@@ -260,19 +267,24 @@ class ExampleStream(torch.utils.data.IterableDataset):
             n = len(self.ds)
             for start in range(consumer * self.block, n, consumers * self.block):
                 stop = min(start + self.block, n)
-                yield _as_examples(self.ds[start:stop], stop - start)
+                yield _as_examples(self.ds[start:stop], stop - start, start)
             return
         for b, rows in enumerate(exact_blocks(self.ds, self.block)):
             if b % consumers == consumer:
-                yield _as_examples(rows, _length(rows))
+                yield _as_examples(rows, _length(rows), b * self.block)
 
 
 def _length(rows: dict[str, list]) -> int:
     return len(next(iter(rows.values()))) if rows else 0
 
 
-def _as_examples(rows: dict[str, list], n: int) -> list[dict]:
-    return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+def _as_examples(rows: dict[str, list], n: int, first: int | None = None) -> list[dict]:
+    """The ``n`` examples of ``rows``; numbered from position ``first`` (:data:`POSITION`) when it is given."""
+    examples = [{k: v[i] for k, v in rows.items()} for i in range(n)]
+    if first is not None:
+        for i, example in enumerate(examples):
+            example[POSITION] = first + i
+    return examples
 
 
 def exact_blocks(ds, block: int):

@@ -41,9 +41,9 @@ LABEL_COLUMNS = ("label", "labels", "fine_label")
 @dataclass(frozen=True)
 class DataSource:
     """Which examples the data stage reads: the dataset, classified once as a local folder or a Hub id (``name`` as
-    the user gave it; ``local_path``: the folder, ``~`` expanded, or None for a Hub id), its configuration, the
-    splits and columns, the validation carve-out (``train_val_split`` of ``train_split`` when ``eval_split`` is
-    unset), the ``train_fraction`` subset, the epoch length of a stream, and the caps.
+    the user gave it; ``local_path``: the folder, ``~`` expanded, or None for a Hub id), its configuration and Hub
+    revision, the splits and columns, the validation carve-out (``train_val_split`` of ``train_split`` when
+    ``eval_split`` is unset, by ``split_seed``), the ``train_fraction`` subset, the epoch length of a stream, and the caps.
 
     Built from a run's :class:`DataArguments` by :meth:`from_args`, or by :meth:`named` where a command reads data
     that is not a run's (the eval command's split, a study's derived dataset). The field names are the settings'
@@ -53,9 +53,12 @@ class DataSource:
     name: str
     local_path: str | None
     config_name: str | None = None
+    revision: str | None = None
     train_split: str = "train"
     eval_split: str | None = None
+    test_split: str | None = None
     train_val_split: float = 0.0
+    split_seed: int = 0
     image_column_name: str | None = None
     label_column_name: str | None = None
     streaming: bool = False
@@ -74,8 +77,9 @@ class DataSource:
     @classmethod
     def from_args(cls, args: DataArguments) -> DataSource:
         """The source a run's data arguments describe."""
-        return cls.named(args.dataset_name, config_name=args.dataset_config_name, train_split=args.train_split,
-                         eval_split=args.eval_split, train_val_split=args.train_val_split,
+        return cls.named(args.dataset_name, config_name=args.dataset_config_name, revision=args.dataset_revision,
+                         train_split=args.train_split, eval_split=args.eval_split, test_split=args.test_split,
+                         train_val_split=args.train_val_split, split_seed=args.split_seed,
                          image_column_name=args.image_column_name, label_column_name=args.label_column_name,
                          streaming=args.streaming, train_fraction=args.train_fraction, subset_seed=args.subset_seed,
                          train_samples=args.train_samples, max_train_samples=args.max_train_samples,
@@ -107,6 +111,7 @@ class DataSplits:
     num_eval_examples: int | None = None
     info: dict = field(default_factory=dict)
     source: DataSource | None = None  # what was read (the later stages' one answer to "is it a local folder?")
+    test: datasets.Dataset | datasets.IterableDataset | None = None  # test_split, scored once after training
 
 
 def open_dataset(data: DataSource | DataArguments) -> datasets.DatasetDict | datasets.IterableDatasetDict:
@@ -123,7 +128,9 @@ def open_dataset(data: DataSource | DataArguments) -> datasets.DatasetDict | dat
                 loaded = datasets.IterableDatasetDict(
                     {k: v.to_iterable_dataset(num_shards=max(1, min(64, len(v) // 1000))) for k, v in loaded.items()})
             return loaded
-        return datasets.load_dataset(name, args.config_name, streaming=args.streaming)
+        # A local folder has no revisions: the flag pins Hub data only.
+        revision = None if args.local_path is not None else args.revision
+        return datasets.load_dataset(name, args.config_name, streaming=args.streaming, revision=revision)
     except (FileNotFoundError, ConnectionError, OSError, ValueError, datasets.exceptions.DatasetsError) as err:
         # DatasetsError: a folder whose files are no dataset (a run's checkpoint: JSON and pickles) fails to build.
         where = "local folder" if os.path.exists(name) else "Hub (unreachable offline: pass a local path instead)"
@@ -232,8 +239,9 @@ def open_train(args: DataSource, loaded=None):
     splits = list(loaded.keys())
     if args.train_split not in loaded:
         raise UserError(f"split {args.train_split!r} not found; the dataset has splits {splits} (set --train_split)")
-    if args.eval_split and args.eval_split not in loaded:
-        raise UserError(f"split {args.eval_split!r} not found; the dataset has splits {splits} (set --eval_split)")
+    for flag in ("eval_split", "test_split"):
+        if getattr(args, flag) and getattr(args, flag) not in loaded:
+            raise UserError(f"split {getattr(args, flag)!r} not found; the dataset has splits {splits} (set --{flag})")
     raw_train = loaded[args.train_split]
     if raw_train.features is None and isinstance(raw_train, datasets.IterableDataset):
         raw_train = raw_train._resolve_features()  # some streamed datasets only know their columns after a peek
@@ -267,7 +275,7 @@ def undecoded(ds, image_col: str, label_col: str):
     return ds.remove_columns([c for c in ds.column_names if c not in keep]) if ds.column_names else ds
 
 
-def load_splits(data: DataSource | DataArguments, seed: int, loaded=None) -> DataSplits:
+def load_splits(data: DataSource | DataArguments, loaded=None) -> DataSplits:
     """Load the train/eval splits of ``data`` (a :class:`DataSource`, or a run's DataArguments) with images left
     undecoded (decoding happens in the loader workers).
 
@@ -291,13 +299,13 @@ def load_splits(data: DataSource | DataArguments, seed: int, loaded=None) -> Dat
         n_eval, _ = count_rows(args, args.eval_split, loaded[args.eval_split])
     elif args.train_val_split > 0:
         # Carve validation by a hash of each example's key: the same slice in map-style and streaming mode, on any
-        # number of processes, every run with the same seed.
+        # number of processes, every run with the same split_seed (whatever its training seed).
         if args.train_val_split >= 1 and n_total is None:
             raise UserError("train_val_split given as a count needs the size of the train split, which is unknown "
                             "here; give it as a fraction (e.g. 0.02) or pass an eval_split")
         val_frac = args.train_val_split if args.train_val_split < 1 else args.train_val_split / n_total
-        eval_ds = train.filter(lambda img: in_validation(example_key(img), val_frac, seed), input_columns=[image_col])
-        train = train.filter(lambda img: not in_validation(example_key(img), val_frac, seed),
+        eval_ds = train.filter(lambda img: in_validation(example_key(img), val_frac, args.split_seed), input_columns=[image_col])
+        train = train.filter(lambda img: not in_validation(example_key(img), val_frac, args.split_seed),
                              input_columns=[image_col])
     if args.train_fraction < 1:
         train = select_subset(train, image_col, args.train_fraction, args.subset_seed)
@@ -313,7 +321,7 @@ def load_splits(data: DataSource | DataArguments, seed: int, loaded=None) -> Dat
         # A local stream: count exactly (keys only, nothing decoded), so the epoch length is not an estimate.
         n_train = n_val = 0
         for key, _ in split_examples(args, args.train_split, prepare(raw_train), image_col, label_col):
-            if val_frac and in_validation(key, val_frac, seed):
+            if val_frac and in_validation(key, val_frac, args.split_seed):
                 n_val += 1
             elif in_subset(key, args.train_fraction, args.subset_seed):
                 n_train += 1
@@ -347,7 +355,8 @@ def load_splits(data: DataSource | DataArguments, seed: int, loaded=None) -> Dat
             "set --train_samples (used for the LR schedule)"
         )
     info = {"num_examples_in_split": n_total, "validation_fraction": val_frac}
-    return DataSplits(train, eval_ds, label_names, image_col, label_col, n_train, source, n_eval, info, args)
+    test = prepare(loaded[args.test_split]) if args.test_split else None
+    return DataSplits(train, eval_ds, label_names, image_col, label_col, n_train, source, n_eval, info, args, test)
 
 
 def select_subset(ds, image_col: str, fraction: float, subset_seed: int):
@@ -360,7 +369,7 @@ def describe(data: DataSource | DataArguments) -> dict:
     """JSON-able summary of the training split and of its ``train_fraction`` subset, without decoding an image.
 
     ``subset_fingerprint`` is a SHA-256 over the sorted keys of the selected examples: two users whose fingerprints
-    match train on the same examples (before the ``train_val_split`` carve-out, which then depends on ``seed``).
+    match train on the same examples (before the ``train_val_split`` carve-out, which then depends on ``split_seed``).
     """
     args = as_source(data)
     _, raw_train, image_col, label_col, label_names = open_train(args)

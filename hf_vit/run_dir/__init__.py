@@ -38,14 +38,14 @@ from ..durable import check_deletable
 from ..locations import local_path
 from .files import DELETING_PREFIX, PARTIAL_PREFIX, atomic_write, delete_entry, fsync_dir
 from .final_outputs import COMMIT, STAGING, FinalOutputs, recover_final_outputs
-from .ownership import (BOOKKEEPING_PREFIX, FINAL_OUTPUTS, FINISHED, OUTPUT_NAMES, RECORD, TRACKER_DIR, base_name,
-                        created_by_hf_vit, is_bookkeeping, is_output_name, list_entries, owned_entries, owns,
-                        read_record, record_created, write_record)
+from .ownership import (BOOKKEEPING_PREFIX, FINAL_OUTPUTS, FINISHED, OUTPUT_NAMES, PREDICTION_FILES, RECORD,
+                        TRACKER_DIR, base_name, created_by_hf_vit, is_bookkeeping, is_output_name, list_entries,
+                        owned_entries, owns, read_record, record_created, write_record)
 
 __all__ = [
-    "BOOKKEEPING_PREFIX", "COMMIT", "FINAL_OUTPUTS", "FINISHED", "FinalOutputs", "LOCK", "OUTPUT_NAMES", "RECORD",
-    "RunLock", "STAGING", "TRACKER_DIR", "analysis_output_dir", "atomic_write", "check_analysis_output",
-    "check_output_dir_available", "check_outside_dataset", "created_by_hf_vit", "fsync_dir", "prepare_output_dir",
+    "BOOKKEEPING_PREFIX", "COMMIT", "FINAL_OUTPUTS", "FINISHED", "FinalOutputs", "LOCK", "OUTPUT_NAMES",
+    "PREDICTION_FILES", "RECORD", "RunLock", "STAGING", "TRACKER_DIR", "analysis_output_dir", "atomic_write",
+    "check_analysis_output", "check_output_dir_available", "check_outside_dataset", "created_by_hf_vit", "fsync_dir", "prepare_output_dir",
     "record_created", "recover_final_outputs",
 ]
 

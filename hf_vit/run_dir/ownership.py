@@ -26,11 +26,15 @@ RECORD = ".hf_vit_run.json"
 BOOKKEEPING_PREFIX = ".hf_vit"
 FINISHED = "all_results.json"  # present in output_dir only beside a complete set of final outputs
 TRACKER_DIR = "hf_vit"  # accelerate's tensorboard tracker logs into <project_dir>/<project name>
+# The per-example predictions of each scored set (hf_vit.predictions), by set: the final eval, test_split and the
+# train_eval_samples images.
+PREDICTION_FILES = {"eval": "predictions_eval.csv", "test": "predictions_test.csv",
+                    "train_eval": "predictions_train_eval.csv"}
 # The one list of a run's final files: what hf_vit.outputs writes, FinalOutputs commits as a set, the ownership record
 # names as "final", and hf_vit.hub publishes (with the weight shards of a model too large for one file).
 FINAL_OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "preprocessor_config.json",
                  FINISHED, "eval_results.json", "log_history.json", "README.md", "learning_curve.png",
-                 "confusion_matrix.png")
+                 "confusion_matrix.png", *PREDICTION_FILES.values())
 OUTPUT_NAMES = frozenset({*FINAL_OUTPUTS, "train_config.yaml", TRACKER_DIR})
 _WEIGHT_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")  # save_pretrained's shards, named in the index
 _OUTPUT_PATTERN = re.compile(r"checkpoint-\d+(\.tmp|\.deleting\.tmp)?|" + _WEIGHT_SHARD.pattern)

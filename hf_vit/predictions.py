@@ -1,0 +1,50 @@
+"""Per-example predictions of a scored set: the rows a finished run writes (``predictions_eval.csv``,
+``predictions_test.csv``, ``predictions_train_eval.csv``), and the fingerprint that says two runs scored the same
+examples, so that their predictions can be compared example by example (a paired test).
+
+A row is ``(index, key, label, prediction)``: the example's position in the split as loaded, its
+:func:`hf_vit.data.keys.example_key`, its label and the top-1 predicted class. An example the collate skipped as
+unusable has no row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+
+from . import durable
+
+HEADER = ("index", "key", "label", "prediction")
+
+Row = tuple[int, str, int, int]
+
+
+def scored_set_fingerprint(rows: list[Row]) -> str:
+    """SHA-256 (hex) of the sorted lines ``f"{key}\\t{label}\\n"`` of ``rows``: the same for two scorings of the same
+    examples, whatever their order or the processes that scored them, and whatever the model predicted."""
+    digest = hashlib.sha256()
+    for line in sorted(f"{key}\t{label}\n" for _, key, label, _ in rows):
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
+def write_predictions(path: str | os.PathLike, rows: list[Row]) -> None:
+    """Write ``rows`` as CSV (header ``index,key,label,prediction``, one line per row, in the given order) through
+    :mod:`hf_vit.durable`."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")  # quotes a key only when it holds a comma or a quote
+    writer.writerow(HEADER)
+    writer.writerows((int(i), key, int(label), int(prediction)) for i, key, label, prediction in rows)
+    durable.write_text(path, text.getvalue())
+
+
+def read_predictions(path: str | os.PathLike) -> list[Row]:
+    """The rows of a file :func:`write_predictions` wrote, as ``(index, key, label, prediction)`` tuples."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if tuple(header or ()) != HEADER:
+            raise ValueError(f"{path}: not a predictions file (header {header}, expected {','.join(HEADER)})")
+        return [(int(i), key, int(label), int(prediction)) for i, key, label, prediction in reader]
