@@ -18,7 +18,7 @@ from hf_vit.config import ModelArguments, TrainArguments, parse_config, resolve_
 from hf_vit.errors import UserError
 from hf_vit.models import PRESETS, build_config, num_parameters, training_flops_per_image
 from hf_vit.optim import build_optimizer, build_scheduler, lr_at, param_groups
-from hf_vit.run_dir import FINAL_OUTPUTS
+from hf_vit.run_dir import FINAL_OUTPUTS, PREDICTION_FILES
 
 LABELS = [f"c{i}" for i in range(10)]
 
@@ -163,8 +163,10 @@ def launched_run(tmp_path_factory, cifar10_path):
 def test_launched_run_produces_every_output(launched_run):
     out, proc = launched_run
     written = {p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
-    # every final output but a sharded model's index, and nothing else beside the config
-    assert written == set(FINAL_OUTPUTS) - {"model.safetensors.index.json"} | {"train_config.yaml"}
+    # every final output but a sharded model's index and the predictions of sets it did not score (no test_split,
+    # no train_eval_samples), and nothing else beside the config
+    unscored = {PREDICTION_FILES["test"], PREDICTION_FILES["train_eval"]}
+    assert written == set(FINAL_OUTPUTS) - {"model.safetensors.index.json", *unscored} | {"train_config.yaml"}
     results = json.loads((out / "all_results.json").read_text())
     for key in ("eval_accuracy", "eval_top5_accuracy", "eval_loss", "eval_samples", "train_loss",
                 "train_samples_seen", "train_runtime", "train_samples_per_second", "epoch", "global_step"):
