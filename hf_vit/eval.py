@@ -66,8 +66,7 @@ class EvalArguments:
         DataArguments, "train_val_split", default=0.0,
         help="Evaluate only the validation slice (fraction, or count if >= 1) that training carves out of eval_split "
              "with the same train_val_split and split_seed; 0 evaluates the whole split.")
-    split_seed: int = shared_setting(DataArguments, "split_seed",
-                                     help="Seed of the carved validation slice (the training run's split_seed).")
+    split_seed: int = shared_setting(DataArguments, "split_seed")
     per_device_eval_batch_size: int = shared_setting(TrainArguments, "per_device_eval_batch_size")
     max_eval_samples: Optional[int] = shared_setting(DataArguments, "max_eval_samples")
     # Not the run's output_dir: where this command's results go, never a run folder.

@@ -117,7 +117,7 @@ def test_discard_ratio_zeroes_the_weakest_attention_to_patches_and_keeps_the_cls
 def run_dir(tmp_path):
     """What the trainer leaves, in miniature: a tiny ViT built with SDPA attention whose head always predicts 'ant',
     its ViTImageProcessor, and a train_config.yaml pointing at 20 generated 8x8 images of 4 classes (half of them
-    carved out for validation, seed 3)."""
+    carved out for validation, seed 3, recorded before split_seed existed)."""
     rng = np.random.default_rng(0)
     images = [PILImage.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(20)]
     features = Features({"image": Image(), "label": ClassLabel(names=CLASSES)})
@@ -144,7 +144,9 @@ def run_dir(tmp_path):
 def first_eval_rows(run, count):
     """The run's validation slice as training carves it: (labels, keys, 8x8 RGB pixels) of its first ``count``."""
     recipe = yaml.safe_load((run / "train_config.yaml").read_text())
-    splits = load_splits(DataArguments(dataset_name=recipe["dataset_name"], train_val_split=0.5))
+    # The recorded config predates split_seed: that run carved its validation with its seed.
+    splits = load_splits(DataArguments(dataset_name=recipe["dataset_name"], train_val_split=0.5,
+                                       split_seed=recipe["seed"]))
     rows = list(splits.eval)[:count]
     pixels = [np.asarray(PILImage.open(io.BytesIO(r["image"]["bytes"])).convert("RGB")) for r in rows]
     return [CLASSES[r["label"]] for r in rows], [example_key(r["image"]) for r in rows], pixels

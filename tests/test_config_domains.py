@@ -81,7 +81,7 @@ def test_the_eval_command_declares_the_flags_it_shares_with_training_from_their_
     from hf_vit.eval import EvalArguments
 
     declared = {f.name: f for g in ARG_GROUPS for f in dataclasses.fields(g)}
-    narrower_help = {"model_name_or_path", "eval_split", "train_val_split", "seed"}
+    narrower_help = {"model_name_or_path", "eval_split", "train_val_split"}
     other_default = {"model_name_or_path": dataclasses.MISSING, "dataset_name": dataclasses.MISSING,
                      "train_val_split": 0.0}
     for f in dataclasses.fields(EvalArguments):
