@@ -10,6 +10,7 @@ unusable has no row.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import os
@@ -41,8 +42,10 @@ def write_predictions(path: str | os.PathLike, rows: list[Row]) -> None:
 
 
 def read_predictions(path: str | os.PathLike) -> list[Row]:
-    """The rows of a file :func:`write_predictions` wrote, as ``(index, key, label, prediction)`` tuples."""
-    with open(path, newline="") as f:
+    """The rows of a file :func:`write_predictions` wrote, as ``(index, key, label, prediction)`` tuples; a
+    ``.gz`` file (a study's committed record, :func:`hf_vit.findings.export_records`) is read through gzip."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if tuple(header or ()) != HEADER:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import shlex
@@ -43,6 +44,7 @@ from hf_vit.runtime import fresh_accelerate_state, main_process_first
 from hf_vit.study_file import STUDY_MANAGED, DerivedDataset, Study, StudyRun, load_study
 
 DATASET_SPEC_FILE = "study_dataset.json"
+STUDY_STATE_DIR = ".study"  # DIR/.study/<run>.json: the inputs each run started from (run_inputs)
 # Flags that change how a run is executed or logged, not what it computes: a finished run is not stale over them.
 HOW_FLAGS = frozenset({*STUDY_MANAGED, "dataloader_num_workers", "per_device_eval_batch_size", "eval_steps",
                        "report_to", "logging_steps", "checkpointing_steps", "checkpoints_total_limit",
@@ -86,15 +88,90 @@ def check_run(study: Study, run: StudyRun) -> None:
                             "restore the old value")
 
 
+def run_inputs(study: Study, run: StudyRun) -> dict:
+    """What a run's result depends on: its whole resolved config (but how-to-run flags and folder paths), the content
+    fingerprint of each derived dataset it reads and the SHA-256 of each upstream run's all_results.json."""
+    cfg = parse_config(run.argv())
+    config = {key: value for key, value in sorted(cfg.to_dict().items())
+              if key not in HOW_FLAGS and key not in run.referenced}
+    derived = {str(d.path): d for d in study.datasets}
+    datasets, upstream = {}, {}
+    for key in sorted(run.referenced):
+        value = run.flags[key]
+        if value in derived:
+            datasets[key] = dataset_fingerprint(derived[value])
+        else:
+            results = Path(value) / "all_results.json"
+            upstream[key] = hashlib.sha256(results.read_bytes()).hexdigest() if results.is_file() else None
+    return json.loads(json.dumps({"config": config, "datasets": datasets, "upstream": upstream}, default=str))
+
+
+def check_inputs(study: Study, run: StudyRun) -> None:
+    """Refuse to reuse (or resume) a run whose inputs changed since it started (:func:`run_inputs`), naming the first
+    change; a run started before the study kept inputs has only :func:`check_run`'s comparison."""
+    path = study.output_dir / STUDY_STATE_DIR / f"{run.name}.json"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    now = run_inputs(study, run)
+    for part, what in (("config", "was made with"), ("datasets", "read a dataset whose content was"),
+                       ("upstream", "started from a run whose results were")):
+        old, new = recorded.get(part, {}), now[part]
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                shown = ((f"{key}={old.get(key)!r} but the study now gives {key}={new.get(key)!r}")
+                         if part == "config" else f"different ({key}: {str(old.get(key))[:16]} then, "
+                                                  f"{str(new.get(key))[:16]} now)")
+                raise UserError(f"{study.path}: run {run.name!r} in {run.output_dir} {what} {shown}; delete that "
+                                "folder to redo the run")
+
+
+def record_inputs(study: Study, run: StudyRun) -> None:
+    (study.output_dir / STUDY_STATE_DIR).mkdir(parents=True, exist_ok=True)
+    durable.write_text(study.output_dir / STUDY_STATE_DIR / f"{run.name}.json",
+                       json.dumps(run_inputs(study, run), indent=1, sort_keys=True))
+
+
+def write_study_record(study: Study, title: str, description: str) -> None:
+    """``DIR/study.json``: the designs, the cells and each run's command, which findings.md is computed with."""
+    from hf_vit.findings import STUDY_RECORD
+
+    record = {"title": title, "description": description, "study_path": study.path,
+              "findings": [design.to_dict() for design in study.findings],
+              "runs": [{"name": run.name, "cell": run.cell or run.name,
+                        "seed": int(run.flags["seed"]) if "seed" in run.flags else None,
+                        "command": command_line(run)} for run in study.runs]}
+    durable.write_text(study.output_dir / STUDY_RECORD, json.dumps(record, indent=1) + "\n")
+
+
+def _ordered_fingerprint(lines) -> str:
+    """SHA-256 of ``lines`` in their order: a source copy is pinned with its order, which the per-class cuts follow."""
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: DerivedDataset) -> str | None:
+    """The built dataset's content fingerprint, as its build recorded it (None before it is built)."""
+    try:
+        return json.loads((dataset.path / DATASET_SPEC_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def build_dataset(dataset: DerivedDataset) -> bool:
     """Build ``dataset`` unless its folder exists (then check it was made from the same spec); True if built.
 
-    Built into a hidden ``.tmp`` folder beside the target and renamed into place when complete, so a killed build
-    leaves no folder that looks finished.
+    The source is checked against the study's pin (``source_fingerprint``) before anything is written, and the built
+    folder records its own content fingerprint, which a finished run's reuse depends on. Built into a hidden ``.tmp``
+    folder beside the target and renamed into place when complete, so a killed build leaves no folder that looks
+    finished.
     """
     import datasets
 
-    from hf_vit.data import DataSource, load_splits
+    from hf_vit.data import DataSource, example_key, in_validation, load_splits
 
     marker = dataset.path / DATASET_SPEC_FILE
     if dataset.path.is_dir():
@@ -102,12 +179,23 @@ def build_dataset(dataset: DerivedDataset) -> bool:
             recorded = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             recorded = None  # not a folder this study built
-        if recorded != dataset.spec():
+        spec = dataset.spec()
+        if not isinstance(recorded, dict) or {key: recorded.get(key) for key in spec} != spec:
             raise UserError(f"{dataset.path} was built from another spec than datasets.{dataset.name} now gives; "
                             "delete it to rebuild (and the runs trained on it)")
+        if dataset.source_fingerprint and recorded.get("source_fingerprint") != dataset.source_fingerprint:
+            raise UserError(f"{dataset.path} was built from a source other than the one datasets.{dataset.name} pins "
+                            "(source_fingerprint); delete it to rebuild (and the runs trained on it)")
         return False
-    splits = load_splits(DataSource.named(dataset.source, train_split=dataset.split), seed=0)
+    splits = load_splits(DataSource.named(dataset.source, train_split=dataset.split))
     source, label_column, names = splits.train, splits.label_column, splits.label_names
+    labels = source[label_column]
+    keys = [example_key(image) for image in source[splits.image_column]]
+    source_fingerprint = _ordered_fingerprint(f"{key}\t{label}\n" for key, label in zip(keys, labels))
+    if dataset.source_fingerprint and source_fingerprint != dataset.source_fingerprint:
+        raise UserError(f"datasets.{dataset.name}: {dataset.source!r} is not the pinned copy (source_fingerprint "
+                        f"{dataset.source_fingerprint[:16]}..., this one {source_fingerprint}); point the study at "
+                        "the pinned copy, or change the pin and accept other images and pixels")
     classes = dataset.classes or names
     unknown = [name for name in classes if name not in names]
     if unknown:
@@ -115,10 +203,16 @@ def build_dataset(dataset: DerivedDataset) -> bool:
                         f"{names[:10]}")
     new_label = {names.index(name): i for i, name in enumerate(classes)}
     rows_of = {label: [] for label in new_label}
-    for row, label in enumerate(source[label_column]):
+    for row, label in enumerate(labels):
         if label in rows_of:
             rows_of[label].append(row)
-    parts = {}
+    if dataset.tuned_on is not None:
+        fraction, seed = dataset.tuned_on
+        for label, class_rows in rows_of.items():
+            looked_at = [in_validation(keys[row], fraction, seed) for row in class_rows]
+            rows_of[label] = ([row for row, seen in zip(class_rows, looked_at) if not seen]
+                              + [row for row, seen in zip(class_rows, looked_at) if seen])
+    parts, content = {}, []
     for split, (skip, take) in dataset.splits.items():
         rows = []
         for label, class_rows in rows_of.items():
@@ -127,7 +221,9 @@ def build_dataset(dataset: DerivedDataset) -> bool:
                 raise UserError(f"datasets.{dataset.name}.splits.{split}: class {names[label]!r} has "
                                 f"{len(class_rows)} examples, fewer than skip {skip} + take {take}")
             rows += chosen
-        part = source.select(sorted(rows))  # the source's order, classes interleaved as there
+        rows.sort()  # the source's order, classes interleaved as there
+        content += [f"{split}\t{keys[row]}\t{new_label[labels[row]]}\n" for row in rows]
+        part = source.select(rows)
         features = part.features.copy()
         features[splits.image_column] = datasets.Image()
         features[label_column] = datasets.ClassLabel(names=list(classes))
@@ -137,7 +233,8 @@ def build_dataset(dataset: DerivedDataset) -> bool:
     partial = dataset.path.with_name(f".{dataset.path.name}.tmp")
     durable.remove_partial(partial)
     datasets.DatasetDict(parts).save_to_disk(str(partial))
-    (partial / DATASET_SPEC_FILE).write_text(json.dumps(dataset.spec(), indent=1), encoding="utf-8")
+    record = {**dataset.spec(), "source_fingerprint": source_fingerprint, "fingerprint": _ordered_fingerprint(content)}
+    (partial / DATASET_SPEC_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     durable.publish_folder(partial, dataset.path)
     return True
 
@@ -207,15 +304,6 @@ def run_study(study: Study, dry_run: bool = False, rehearse: bool = False, proce
         print_plan_table(study, rehearse, processes)
         return None
 
-    with process_group_kept():
-        state = fresh_accelerate_state()
-        finished, failed = _build_and_train(study, state, rehearsal)
-    if not finished or not state.is_main_process:
-        if failed:
-            raise UserError(f"the rehearsal found {len(failed)} run(s) that fail: {', '.join(failed)} (above)")
-        return None
-    from hf_vit.findings import write_findings
-
     title, description = Path(study.path).stem, study.description
     if rehearsal is not None:
         title = f"REHEARSAL of {title} (its accuracies mean nothing)"
@@ -223,10 +311,19 @@ def run_study(study: Study, dry_run: bool = False, rehearse: bool = False, proce
                        "stand-ins for unreachable data. Its accuracies and verdicts mean nothing; it shows that every "
                        "run below trained, evaluated, checkpointed and wrote its results through the production "
                        f"code. The study: {description}")
-    done = [run for run in study.runs if run_status(run) == "done"]
-    path = write_findings([(run.name, run.output_dir) for run in done], study.output_dir,
-                          title=title, description=description, study_path=study.path,
-                          commands={run.name: command_line(run) for run in done})
+    with process_group_kept():
+        state = fresh_accelerate_state()
+        if state.is_main_process:
+            study.output_dir.mkdir(parents=True, exist_ok=True)
+            write_study_record(study, title, description)
+        finished, failed = _build_and_train(study, state, rehearsal)
+    if not finished or not state.is_main_process:
+        if failed:
+            raise UserError(f"the rehearsal found {len(failed)} run(s) that fail: {', '.join(failed)} (above)")
+        return None
+    from hf_vit.findings import write_findings
+
+    path = write_findings(study.output_dir)
     print(f"[study] findings: {path}", flush=True)
     if failed:
         raise UserError(f"the rehearsal found {len(failed)} run(s) that fail: {', '.join(failed)} (see above); "
@@ -300,8 +397,11 @@ def _build_and_train(study: Study, state, rehearsal=None) -> tuple[bool, list[st
                "restart": "interrupted before its first checkpoint: starting it again", "new": "training"}[status]
             + (f": {command_line(run, STATUS_FLAGS.get(status))}" if rehearsal is not None and status != "done"
                else ""))
+        check_inputs(study, run)
         if status == "done":
             continue
+        if status != "resume" and state.is_main_process:
+            record_inputs(study, run)
         start = time.time()
         try:
             if rehearsal is not None:

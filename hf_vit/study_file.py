@@ -19,9 +19,9 @@ import yaml
 from hf_vit.config import ARG_GROUPS
 from hf_vit.errors import UserError
 
-STUDY_KEYS = ("description", "defaults", "datasets", "runs")
-RUN_KEYS = ("name", "recipe", "grid", "group")
-DATASET_KEYS = ("source", "split", "classes", "splits")
+STUDY_KEYS = ("description", "defaults", "datasets", "runs", "findings")
+RUN_KEYS = ("name", "recipe", "grid", "group", "seeds")
+DATASET_KEYS = ("source", "split", "classes", "splits", "source_fingerprint", "tuned_on")
 FLAGS = frozenset(f.name for group in ARG_GROUPS for f in dataclasses.fields(group))
 # The study decides where each run writes and whether it resumes.
 STUDY_MANAGED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
@@ -41,11 +41,20 @@ class DerivedDataset:
     classes: list[str] | None
     splits: dict[str, tuple[int, int | None]]
     path: Path
+    # The pin: the SHA-256 of the source split's (key, label) rows in order (hf_vit.scoring.scored_set_fingerprint's
+    # rule applied to the whole source); another copy of the data (the Hub's PNGs for a local JPEG copy) is refused.
+    source_fingerprint: str | None = None
+    # Images an earlier choice looked at (the recipes' tuning carve-out: train_val_split `fraction` at split seed
+    # `seed`): ordered last within their class, so they land in the last split (train), never in a held-out one.
+    tuned_on: tuple[float, int] | None = None
 
     def spec(self) -> dict[str, Any]:
         """What the built folder records about how it was made (compared on the next start)."""
-        return {"source": self.source, "split": self.split, "classes": self.classes,
+        spec = {"source": self.source, "split": self.split, "classes": self.classes,
                 "splits": {name: list(cut) for name, cut in self.splits.items()}}
+        if self.tuned_on is not None:
+            spec["tuned_on"] = list(self.tuned_on)
+        return spec
 
 
 @dataclass
@@ -58,6 +67,7 @@ class StudyRun:
     output_dir: Path
     referenced: set[str] = field(default_factory=set)  # flags whose value names another run's or a dataset's folder
     group: str | None = None  # the entry's ``group``: ``--set GROUP.KEY=VALUE`` reaches every run of it
+    cell: str = ""  # the runs that differ only by their seed share a cell (``seeds``); else the run's own name
 
     def argv(self) -> list[str]:
         """The run's arguments, as run_finetune.py takes them."""
@@ -74,6 +84,7 @@ class Study:
     output_dir: Path
     datasets: list[DerivedDataset]
     runs: list[StudyRun]
+    findings: list = field(default_factory=list)  # hf_vit.findings.designs.Design, stated before any run
 
 
 # --------------------------------------------------------------------------------------------------- the study file
@@ -146,8 +157,9 @@ def _parse_splits(value: Any, where: str, path: str) -> dict[str, tuple[int, int
     return cuts
 
 
-def _expand(entry: dict, index: int, path: str) -> list[tuple[str, str | None, dict[str, Any]]]:
-    """One run entry as ``[(name, recipe, flags)]``: a single run, or one per combination of its grid's values."""
+def _expand(entry: dict, index: int, path: str) -> list[tuple[str, str, str | None, dict[str, Any]]]:
+    """One run entry as ``[(name, cell, recipe, flags)]``: a single run, or one per combination of its grid's
+    values, times one per seed of ``seeds`` (named ``<name>_s<seed>``, sharing the cell ``<name>``)."""
     name = entry.get("name")
     where = f"runs[{index}]"
     if not isinstance(name, str) or not name:
@@ -187,6 +199,13 @@ def _expand(entry: dict, index: int, path: str) -> list[tuple[str, str | None, d
     if missing:
         raise UserError(f"{path}: {where}: the name must contain {{{missing[0]}}} so that each grid run gets its own "
                         "folder")
+    seeds = entry.get("seeds")
+    if seeds is not None:
+        if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+            raise UserError(f"{path}: {where}: seeds must be a non-empty list of distinct integers >= 0")
+        if "seed" in base_flags or any(axis == "seed" for axis, _ in axes):
+            raise UserError(f"{path}: {where} sets seed and seeds; keep seeds (one run per seed, one cell)")
     runs = []
     for combination in itertools.product(*(options for _, options in axes)):
         flags, run_recipe = dict(base_flags), recipe
@@ -194,7 +213,11 @@ def _expand(entry: dict, index: int, path: str) -> list[tuple[str, str | None, d
             flags.update(variant_flags)
             run_recipe = variant_recipe or run_recipe
         labels = {axis: label for (axis, _), (label, _, _) in zip(axes, combination)}
-        runs.append((name.format(**labels), run_recipe, flags))
+        cell = name.format(**labels)
+        # Seeds last: the runs of a cell differ by nothing else, which is what makes their spread the seed spread.
+        for seed in seeds or [None]:
+            runs.append((cell if seed is None else f"{cell}_s{seed}", cell, run_recipe,
+                         flags if seed is None else {**flags, "seed": seed}))
     return runs
 
 
@@ -267,26 +290,38 @@ def load_study(path: str, output_dir: str, sets: list[str] | None = None) -> Stu
         if classes is not None and (not isinstance(classes, list) or not classes or len(set(map(str, classes)))
                                     != len(classes)):
             raise UserError(f"{path}: {where}: classes must be a non-empty list of distinct class names")
+        pin = spec.get("source_fingerprint")
+        if pin is not None and not (isinstance(pin, str) and re.fullmatch(r"[0-9a-f]{64}", pin)):
+            raise UserError(f"{path}: {where}: source_fingerprint must be a SHA-256 in hex (64 characters; the study "
+                            "prints the source's when it differs)")
+        tuned = _mapping(spec.get("tuned_on"), f"{where}.tuned_on", path)
+        if tuned and (sorted(tuned) != ["fraction", "seed"] or not isinstance(tuned["seed"], int)
+                      or not isinstance(tuned["fraction"], (int, float)) or not 0 < tuned["fraction"] < 1):
+            raise UserError(f"{path}: {where}: tuned_on must be {{fraction: F, seed: S}} with 0 < F < 1 (the "
+                            "train_val_split and split seed the recipes were tuned on)")
         derived[name] = DerivedDataset(name, source, str(spec.get("split", "train")),
                                        [str(c) for c in classes] if classes else None,
-                                       _parse_splits(spec.get("splits"), where, path), out / "data" / name)
+                                       _parse_splits(spec.get("splits"), where, path), out / "data" / name,
+                                       pin, (float(tuned["fraction"]), tuned["seed"]) if tuned else None)
 
-    expanded = []  # (entry name, group, run name, recipe, flags)
+    expanded = []  # (entry name, group, run name, cell, recipe, flags)
     for index, entry in enumerate(raw["runs"]):
         entry = _mapping(entry, f"runs[{index}]", path)
         expanded += [(entry["name"], entry.get("group"), *run) for run in _expand(entry, index, path)]
-    names = [name for _, _, name, _, _ in expanded]
+    names = [name for _, _, name, _, _, _ in expanded]
     groups = {group for _, group, *_ in expanded if group}
     clash = sorted(groups & (set(names) | {entry for entry, *_ in expanded}))
     if clash:
         raise UserError(f"{path}: group {clash[0]!r} is also a run's name; give the group another name")
+    cells = {cell for *_, cell, _, _ in expanded}
     for target in set_runs:
-        if target not in names and target not in groups and target not in {entry for entry, *_ in expanded}:
+        if target not in names and target not in groups and target not in cells and \
+                target not in {entry for entry, *_ in expanded}:
             raise UserError(f"--set {target}.KEY=...: the study has no run or group {target!r}; runs: {names}"
                             f"{f', groups: {sorted(groups)}' if groups else ''}")
 
     runs, folders = [], {}
-    for entry_name, group, name, recipe, flags in expanded:
+    for entry_name, group, name, cell, recipe, flags in expanded:
         where = f"run {name!r}"
         if not NAME.match(name):
             raise UserError(f"{path}: {where}: a run name must be letters, digits, '.', '_' or '-' (it is a folder)")
@@ -294,12 +329,12 @@ def load_study(path: str, output_dir: str, sets: list[str] | None = None) -> Stu
             raise UserError(f"{path}: {where}: the name is used twice (or is 'data', the derived datasets' folder)")
         # --set for the run's group, then its grid entry, then the run itself: the narrowest target wins.
         merged = {**defaults, **flags, **set_runs.get(group, {}), **set_runs.get(entry_name, {}),
-                  **set_runs.get(name, {})}
+                  **set_runs.get(cell, {}), **set_runs.get(name, {})}
         if recipe is not None:
             if not isinstance(recipe, str):
                 raise UserError(f"{path}: {where}: recipe must be a path")
             recipe = os.path.normpath(os.path.join(os.path.dirname(path), recipe))
-        run = StudyRun(name, recipe, {}, out / name, group=group)
+        run = StudyRun(name, recipe, {}, out / name, group=group, cell=cell)
         for key, value in merged.items():
             value, is_folder = resolve(value, key, where, folders)
             run.flags[key] = _flag_string(value, key, where, path)
@@ -307,5 +342,10 @@ def load_study(path: str, output_dir: str, sets: list[str] | None = None) -> Stu
                 run.referenced.add(key)
         runs.append(run)
         folders[name] = run.output_dir
+    if (set(folders) | set(cells)) & {"study.json"}:
+        raise UserError(f"{path}: a run may not be named study.json")
+    from hf_vit.findings.designs import parse_designs
+
+    designs = parse_designs(raw.get("findings"), sorted(set(names) | cells), path)
     description = raw.get("description") or ""
-    return Study(path, str(description).strip(), out, list(derived.values()), runs)
+    return Study(path, str(description).strip(), out, list(derived.values()), runs, designs)

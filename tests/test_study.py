@@ -22,8 +22,7 @@ from conftest import CIFAR10, REPO, run_script
 from PIL import Image
 
 from hf_vit.config import parse_config
-from hf_vit.errors import run_cli
-from hf_vit.findings import fraction_series, plot_accuracy_vs_fraction, read_facts, write_findings
+from hf_vit.errors import UserError, run_cli
 from hf_vit.study import build_dataset, fresh_accelerate_state, main, run_status, run_study
 from hf_vit.study_file import load_study
 
@@ -271,6 +270,58 @@ def test_a_derived_dataset_keeps_the_chosen_classes_relabelled_and_cut_per_class
         build_dataset(changed)
 
 
+def test_a_pinned_source_is_checked_and_images_looked_at_before_fall_in_train_only(tmp_path, tiny_data):
+    from hf_vit.data import example_key, in_validation
+
+    spec = {"source": str(tiny_data), "tuned_on": {"fraction": 0.5, "seed": 42},
+            "splits": {"test": {"take": 3}, "train": {"skip": 3}}}
+    path = write_study(tmp_path, {"datasets": {"all": {**spec, "source_fingerprint": "0" * 64}}, "runs": [GOOD_RUN]})
+    with pytest.raises(UserError, match="is not the pinned copy") as error:
+        build_dataset(load_study(path, str(tmp_path / "out")).datasets[0])
+    pin = str(error.value).split("this one ")[1].split(")")[0]
+
+    path = write_study(tmp_path, {"datasets": {"all": {**spec, "source_fingerprint": pin}}, "runs": [GOOD_RUN]})
+    dataset = load_study(path, str(tmp_path / "out")).datasets[0]
+    assert build_dataset(dataset) is True
+    built = datasets.load_from_disk(str(dataset.path))
+
+    def keys(split):
+        return [example_key(image) for image in
+                built[split].cast_column("image", datasets.Image(decode=False))["image"]]
+
+    looked_at = {k for k in keys("train") + keys("test") if in_validation(k, 0.5, 42)}
+    assert looked_at and not looked_at & set(keys("test"))  # 3 per class are held out, none of them looked at
+    assert len(keys("test")) == 12 and len(keys("train")) == 52
+    record = json.loads((dataset.path / "study_dataset.json").read_text())
+    assert record["source_fingerprint"] == pin and len(record["fingerprint"]) == 64
+
+
+def test_a_finished_run_is_reused_only_while_its_config_dataset_and_upstream_results_are_unchanged(tmp_path,
+                                                                                                  tiny_data):
+    path = write_tiny_study(tmp_path, tiny_data, finetune_steps=2)
+    out = tmp_path / "out"
+    run_study(load_study(path, str(out)))
+    again = run_study(load_study(path, str(out)))  # everything unchanged: both reused
+    assert again == out / "findings.md"
+    inputs = json.loads((out / ".study" / "finetune.json").read_text())
+    assert inputs["upstream"]["model_name_or_path"] and inputs["datasets"]["dataset_name"]
+    assert inputs["config"]["max_train_steps"] == 2
+
+    # The upstream run's results changed (as when it is redone): the fine-tune made from the old one is stale.
+    results = json.loads((out / "pretrain" / "all_results.json").read_text())
+    (out / "pretrain" / "all_results.json").write_text(json.dumps({**results, "eval_accuracy": 0.123}))
+    with pytest.raises(UserError, match="'finetune' .* started from a run whose results were different"):
+        run_study(load_study(path, str(out)))
+    (out / "pretrain" / "all_results.json").write_text(json.dumps(results))
+
+    # Any setting of the resolved config, not only the ones the study file names: here a default that changed since
+    # the run was made (as a new release's would).
+    (out / ".study" / "finetune.json").write_text(json.dumps(
+        {**inputs, "config": {**inputs["config"], "weight_decay": 0.07}}))
+    with pytest.raises(UserError, match="weight_decay=0.07 but the study now gives weight_decay=0.05"):
+        run_study(load_study(path, str(out)))
+
+
 def test_a_killed_dataset_build_leaves_no_finished_looking_folder_and_is_redone(tmp_path, tiny_data):
     path = write_study(tmp_path, {"datasets": {"all": {"source": str(tiny_data), "splits": {"train": {}}}},
                                   "runs": [GOOD_RUN]})
@@ -350,13 +401,11 @@ def test_tiny_study_killed_during_its_second_run_finishes_on_restart_with_every_
     rows = {row["run"]: row for row in markdown_table(findings, "run")}
     assert set(rows) == {"`pretrain`", "`finetune`"}
     for name, result in results.items():
-        row, accuracy, n = rows[f"`{name}`"], result["eval_accuracy"], result["eval_samples"]
-        se = math.sqrt(accuracy * (1 - accuracy) / n)
-        assert row["eval accuracy % ± SE"] == f"{100 * accuracy:.2f} ± {100 * se:.2f}"
-        assert row["epochs"] == f"{round(result['epoch'], 2):g}"
-        if "train_accuracy" in result:
-            assert row["train accuracy %"] == f"{100 * result['train_accuracy']:.2f}"
-    assert rows["`finetune`"]["start"] == "from pretrain"
+        row = rows[f"`{name}`"]
+        assert row["final validation accuracy %"] == f"{100 * result['eval_accuracy']:.2f}"
+        assert row["epochs"] == f"{round(result['epoch'], 2):g}" and row["steps"] == str(result["global_step"])
+    cells = {row["cell"]: row for row in markdown_table(findings, "cell")}
+    assert cells["`finetune`"]["start"] == "from pretrain"
     for png in ("accuracy_vs_fraction.png", "learning_curves.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -388,127 +437,6 @@ def test_under_a_two_process_launch_every_process_runs_the_study_and_only_the_ma
         assert json.loads((out / name / "all_results.json").read_text())["global_step"] == 3
     assert launch.stdout.count("[study] run 2/2 finetune: training") == 1  # one voice, not one per process
     assert (out / "findings.md").is_file()
-
-
-# ------------------------------------------------------------------------------------------------------ findings
-def fake_finished_run(root: Path, name: str, *, model_type: str, preset: str | None, fraction: float = 1.0,
-                      accuracy: float, n: int, train_accuracy: float | None = None, source: str | None = None,
-                      frozen: bool = False, dataset: str = "cifar10", params: int = 1_800_000,
-                      flops: float = 1.9e8, seen: int = 320_000, runtime: float = 150.0) -> Path:
-    folder = root / name
-    folder.mkdir()
-    results = {"eval_accuracy": accuracy, "eval_samples": n, "epoch": 7.1, "global_step": 2500,
-               "num_parameters": params, "training_flops_per_image": flops, "train_samples_seen": seen,
-               "train_runtime": runtime}
-    if train_accuracy is not None:
-        results["train_accuracy"] = train_accuracy
-    (folder / "all_results.json").write_text(json.dumps(results))
-    (folder / "train_config.yaml").write_text(yaml.safe_dump({
-        "model_preset": preset, "model_name_or_path": source, "dataset_name": dataset, "train_fraction": fraction,
-        "eval_split": None, "train_val_split": 0.1, "freeze_backbone": frozen}))
-    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
-    history = [{"step": s, "epoch": s / 350, "train_loss": 2 / s, "train_accuracy": accuracy * s / 2500}
-               for s in (500, 1000, 2500)] + [{"step": 2500, "epoch": 7.1, "eval_accuracy": accuracy}]
-    (folder / "log_history.json").write_text(json.dumps(history))
-    return folder
-
-
-def report_like_runs(root: Path, vit=(0.40, 0.60), cnn=(0.60, 0.70)) -> list[tuple[str, Path]]:
-    """A ViT and a CNN from scratch at 10% and 100% of the data (accuracies ``vit`` and ``cnn``), a pretraining run
-    (train 84%, eval 56%) and fine-tuned (55%) / scratch (53%) / linear-probe (45%) runs on a downstream set."""
-    vit_model = dict(model_type="vit", preset="vit_tiny_cifar")
-    cnn_model = dict(model_type="convnext", preset="cnn_tiny_cifar", params=1_600_000, flops=3.45e8)
-    made = [fake_finished_run(root, "vit_f10", **vit_model, fraction=0.1, accuracy=vit[0], n=5000),
-            fake_finished_run(root, "vit_f100", **vit_model, fraction=1.0, accuracy=vit[1], n=5000),
-            fake_finished_run(root, "cnn_f10", **cnn_model, fraction=0.1, accuracy=cnn[0], n=5000),
-            fake_finished_run(root, "cnn_f100", **cnn_model, fraction=1.0, accuracy=cnn[1], n=5000),
-            fake_finished_run(root, "pretrain", **vit_model, accuracy=0.56, n=1000, train_accuracy=0.84,
-                              dataset="half_a")]
-    downstream = dict(model_type="vit", preset="vit_tiny_cifar", n=2000, dataset="half_b", params=1_790_000)
-    made += [fake_finished_run(root, "down_scratch", **downstream, accuracy=0.53, train_accuracy=0.9),
-             fake_finished_run(root, "down_finetuned", **downstream, accuracy=0.55, source=str(root / "pretrain")),
-             fake_finished_run(root, "down_probe", **downstream, accuracy=0.45, source=str(root / "pretrain"),
-                               frozen=True)]
-    return [(folder.name, folder) for folder in made]
-
-
-@pytest.fixture
-def no_attention(monkeypatch):
-    """findings without the attention-rollout module (the fake runs hold no weights to look at)."""
-    monkeypatch.setitem(sys.modules, "hf_vit.attention", None)
-
-
-# (ViT at 10%, 100%), (CNN at 10%, 100%), the verdicts of findings 1 and 2. At n = 5,000 the SE of a difference of
-# two accuracies near 0.5-0.7 is ~0.0095 (finding 1) and of a difference of two gains ~0.0135 (finding 2).
-@pytest.mark.parametrize("vit, cnn, verdicts", [
-    ((0.40, 0.60), (0.60, 0.70), ["supported", "supported"]),        # CNN +10 points; ViT gains 10 more
-    ((0.40, 0.60), (0.60, 0.50), ["contradicted", "supported"]),     # CNN -10 points; ViT gains 30 more
-    ((0.50, 0.60), (0.50, 0.61), ["inconclusive", "inconclusive"]),  # CNN +1 point; ViT gains 1 less
-    ((0.50, 0.55), (0.40, 0.70), ["supported", "contradicted"]),     # CNN +15 points; ViT gains 25 less
-])
-def test_findings_judge_each_claim_of_the_report_by_its_difference_against_two_standard_errors(
-        tmp_path, no_attention, vit, cnn, verdicts):
-    text = write_findings(report_like_runs(tmp_path, vit, cnn), tmp_path / "study").read_text()
-
-    found = [line.split("Verdict: **")[1].split("**")[0] for line in text.splitlines() if "Verdict: **" in line]
-    # 3: fine-tuned 0.55 - scratch 0.53 = +0.02 against an SE of 0.0158: inconclusive (the probe is not a
-    # fine-tune). 4: the pretraining run's train 0.84 - eval 0.56 = +0.28 against 0.0157: supported.
-    assert found == [*verdicts, "inconclusive", "supported"]
-    assert f"CNN - ViT = {100 * (cnn[1] - vit[1]):+.2f} ± " in text
-    assert f"the ViT gains {100 * ((vit[1] - vit[0]) - (cnn[1] - cnn[0])):+.2f} ± " in text
-
-
-def test_findings_tables_carry_each_runs_own_numbers_and_pair_pretrained_with_scratch(tmp_path, no_attention):
-    runs = report_like_runs(tmp_path)
-    text = write_findings(runs, tmp_path / "study").read_text()
-
-    rows = {row["run"].strip("`"): row for row in markdown_table(text, "run")}
-    assert list(rows) == [name for name, _ in runs]
-    for name, folder in runs:
-        result, row = json.loads((folder / "all_results.json").read_text()), rows[name]
-        p, n = result["eval_accuracy"], result["eval_samples"]
-        assert row["eval accuracy % ± SE"] == f"{100 * p:.2f} ± {100 * math.sqrt(p * (1 - p) / n):.2f}"
-        assert row["training GFLOP / image"] == f"{result['training_flops_per_image'] / 1e9:.3g}"
-        compute = result["training_flops_per_image"] * result["train_samples_seen"]
-        assert row["training compute"] == f"{compute / 1e12:.3g} TFLOP"
-        assert row["epochs"] == "7.1" and row["train time"] == "2m 30s"
-    assert rows["cnn_f10"]["family"] == "CNN" and rows["vit_f10"]["family"] == "ViT"
-
-    pivot = {(row["model"], row["data"]): row for row in markdown_table(text, "family") if row["start"] == "scratch"}
-    held_out = "cifar10 [0.1 of train held out]"
-    assert pivot["vit_tiny_cifar (1.8M)", held_out]["10%"] == "40.00 ± 0.69"
-    assert pivot["cnn_tiny_cifar (1.6M)", held_out]["100%"] == "70.00 ± 0.65"
-    pretrained = markdown_table(text, "data")
-    assert [(r["from scratch %"].split(":")[0], r["pretrained %"].split(" ")[0], r["verdict"]) for r in pretrained] == \
-        [("`down_scratch`", "`down_finetuned`", "inconclusive"), ("`down_scratch`", "`down_probe`", "contradicted")]
-    gaps = {row["run"]: row for row in markdown_table(text, "run", after="## Train vs validation accuracy")}
-    assert gaps["`pretrain`"]["train - eval"] == "+28.00 ± 1.57 points (+17.8 SE)"
-    assert set(gaps) == {"`pretrain`", "`down_scratch`"}  # the runs that recorded a train accuracy
-    assert "cannot be imported" in text
-
-
-def test_accuracy_against_fraction_plot_draws_vit_and_cnn_from_scratch_with_standard_errors(tmp_path):
-    facts = read_facts(report_like_runs(tmp_path))
-    series = fraction_series(facts)
-    # Only the evaluation set with runs at two or more fractions; fine-tuned runs are never on it.
-    def point(fraction, accuracy):
-        return fraction, accuracy, math.sqrt(accuracy * (1 - accuracy) / 5000)
-
-    assert series == {"ViT: vit_tiny_cifar (1.8M)": [point(0.1, 0.40), point(1.0, 0.60)],
-                      "CNN: cnn_tiny_cifar (1.6M)": [point(0.1, 0.60), point(1.0, 0.70)]}
-
-    figure = plot_accuracy_vs_fraction(facts, tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    axes = figure.axes[0]
-    drawn = {container.get_label(): container for container in axes.containers}
-    assert set(drawn) == set(series)
-    for name, points in series.items():
-        line, _, (bars,) = drawn[name]
-        assert list(line.get_xdata()) == [f for f, _, _ in points]
-        assert list(line.get_ydata()) == [a for _, a, _ in points]
-        np.testing.assert_allclose([np.ptp(segment[:, 1]) / 2 for segment in bars.get_segments()],
-                                   [se for _, _, se in points])
-    assert axes.get_xscale() == "log"
 
 
 # ------------------------------------------------------------------------------------------------- study files

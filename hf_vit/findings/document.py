@@ -1,22 +1,30 @@
-"""findings.md: the course report's tables regenerated from finished runs, and the document around them.
+"""findings.md: the study's designs judged by its runs, the tables, and the document around them.
 
-:func:`write_findings` writes ``findings.md`` with, beside it, ``accuracy_vs_fraction.png`` (ViT and CNN on one axis),
-``learning_curves.png`` (train loss, train accuracy and eval accuracy per run, side by side) and, for ViT runs,
-``attention_<run>.png`` (:mod:`hf_vit.findings.plots`).
+:func:`write_findings` reads a study folder (or a folder of committed run records: the same files) and writes
+``findings.md`` with, beside it, ``accuracy_vs_fraction.png`` (each cell's mean with its seed SE, ViT and CNN on one
+axis) and ``learning_curves.png`` (train loss, train accuracy and validation accuracy per run). findings.md is a pure
+function of the records: regenerating it from the same records gives the same bytes.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 from pathlib import Path
 
 from hf_vit import durable
+from hf_vit.errors import UserError
 from hf_vit.report import format_count, format_duration, format_epochs
 
-from .facts import RunFacts, format_accuracy, format_fraction, read_facts
-from .plots import attention_figures, plot_accuracy_vs_fraction, plot_learning_curves
-from .verdicts import (FINDINGS, Z, cnn_vs_vit, combine, combined_se, data_dependence, format_difference,
-                       generalisation_gap, pretraining_gain, pretraining_pairs, verdict)
+from .designs import Design, parse_designs
+from .facts import RunFacts, format_fraction, read_facts
+from .plots import plot_accuracy_vs_fraction, plot_learning_curves
+from .stats import (BOOTSTRAP_RESAMPLES, CONFIDENCE, LAST_PART, RISE_POINTS, cell_accuracy, cells_of, converged,
+                    last_part_rise)
+from .verdicts import combine, judge
+
+STUDY_RECORD = "study.json"  # what the study states about itself: designs, cells, commands (written before any run)
 
 NEWLINE = "\n"  # f-string expressions cannot hold a backslash before Python 3.12
 
@@ -38,129 +46,195 @@ def format_flops(flops: float | None) -> str:
     return f"{flops / 1e9:.3g} GFLOP"
 
 
+def _percent(value: float | None, se: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}" + (f" ± {100 * se:.2f}" if se is not None else "")
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def cells_table(cells: dict[str, list[RunFacts]]) -> str:
+    rows = []
+    for cell, members in cells.items():
+        first = members[0]
+        test, test_se = cell_accuracy(members, "test")
+        train_eval, _ = cell_accuracy(members, "train_eval")
+        rise = last_part_rise(members)
+        rows.append([
+            f"`{cell}`", first.family, first.label, first.start, first.data, format_fraction(first.fraction),
+            ", ".join(str(r.seed) for r in members), _percent(test, test_se),
+            " / ".join(_percent(r.accuracy("test")) for r in members), _percent(train_eval),
+            "-" if rise is None else f"{rise:+.2f}" + ("" if converged(members) else " (rising)"),
+            format_epochs(_mean(r.results.get("epoch") for r in members)),
+            format_flops(_mean(r.training_flops for r in members)),
+            format_duration(_mean(r.results.get("train_runtime") for r in members))])
+    return _table(["cell", "family", "model", "start", "data", "train fraction", "seeds",
+                   "test accuracy % (mean ± SE across seeds)", "per seed", "train-subset accuracy %",
+                   f"validation rise over the last {100 * LAST_PART:g}% (points)", "epochs", "training compute",
+                   "train time (mean)"], rows)
+
+
+def fraction_table(cells: dict[str, list[RunFacts]]) -> str:
+    """Test accuracy (mean ± SE across seeds) per model and training fraction, runs from scratch."""
+    fractions = sorted({m[0].fraction for m in cells.values() if m[0].source is None})
+    rows: dict[tuple, dict[float, str]] = {}
+    for members in cells.values():
+        first = members[0]
+        if first.source is not None:
+            continue
+        rows.setdefault((first.family, first.label, first.data), {})[first.fraction] = _percent(
+            *cell_accuracy(members, "test"))
+    return _table(["family", "model", "data", *map(format_fraction, fractions)],
+                  [[*key, *(found.get(f, "-") for f in fractions)] for key, found in rows.items()])
+
+
 def runs_table(runs: list[RunFacts]) -> str:
-    rows = [[f"`{r.name}`", r.model, r.family, r.start, r.data, format_fraction(r.fraction),
-             format_epochs(r.epochs), format_accuracy(r),
-             "-" if r.train_accuracy is None else f"{100 * r.train_accuracy:.2f}",
-             format_count(r.num_parameters),
-             "-" if r.flops_per_image is None else f"{r.flops_per_image / 1e9:.3g}", format_flops(r.training_flops),
-             format_duration(r.runtime)] for r in runs]
-    return _table(["run", "model", "family", "start", "data", "train fraction", "epochs", "eval accuracy % ± SE",
-                   "train accuracy %", "params", "training GFLOP / image", "training compute", "train time"], rows)
-
-
-def fraction_table(runs: list[RunFacts]) -> str:
-    fractions = sorted({r.fraction for r in runs})
-    rows: dict[tuple, dict[float, RunFacts]] = {}
-    for r in runs:
-        rows.setdefault((r.family, r.label, r.start, r.data), {})[r.fraction] = r
-    return _table(["family", "model", "start", "data", *map(format_fraction, fractions)],
-                  [[*key, *(format_accuracy(cells[f]) if f in cells else "-" for f in fractions)]
-                   for key, cells in rows.items()])
-
-
-def pretraining_table(runs: list[RunFacts]) -> str:
-    rows = []
-    for tuned, scratch in pretraining_pairs(runs):
-        if scratch is None:
-            rows.append([tuned.data, tuned.label, "-", f"`{tuned.name}` {tuned.start}: {format_accuracy(tuned)}",
-                         "-", "-"])
-            continue
-        difference, se = tuned.accuracy - scratch.accuracy, combined_se(tuned.se, scratch.se)
-        rows.append([f"{tuned.data}, {format_fraction(tuned.fraction)}", tuned.label,
-                     f"`{scratch.name}`: {format_accuracy(scratch)}",
-                     f"`{tuned.name}` {tuned.start}: {format_accuracy(tuned)}", format_difference(difference, se),
-                     verdict(difference, se)])
-    return _table(["data", "model", "from scratch %", "pretrained %", "gain", "verdict"], rows)
-
-
-def gap_table(runs: list[RunFacts]) -> str:
     rows = []
     for r in runs:
-        if r.train_accuracy is None or r.accuracy is None:
-            continue
-        difference = r.train_accuracy - r.accuracy
-        rows.append([f"`{r.name}`", f"{100 * r.train_accuracy:.2f}", format_accuracy(r),
-                     format_difference(difference, r.se), verdict(difference, r.se)])
-    return _table(["run", "train accuracy %", "eval accuracy % ± SE", "train - eval", "train above eval?"], rows)
+        history = [h for h in r.history if isinstance(h, dict) and "eval_accuracy" in h]
+        rows.append([f"`{r.name}`", f"`{r.cell}`", "-" if r.seed is None else str(r.seed),
+                     _percent(r.accuracy("test")), _percent(r.accuracy("train_eval")),
+                     _percent(history[-1]["eval_accuracy"] if history else None),
+                     str(r.results.get("global_step", "-")), format_epochs(r.results.get("epoch")),
+                     format_count(r.num_parameters), format_flops(r.training_flops),
+                     format_duration(r.results.get("train_runtime"))])
+    return _table(["run", "cell", "seed", "test accuracy %", "train-subset accuracy %", "final validation accuracy %",
+                   "steps", "epochs", "params", "training compute", "train time"], rows)
+
+
+def sets_table(runs: list[RunFacts]) -> str:
+    """Which images each run was scored on: one row per scored set (fingerprint)."""
+    sets: dict[tuple[str, str], list[str]] = {}
+    sizes = {}
+    for r in runs:
+        for name, scored in r.scored.items():
+            sets.setdefault((name, scored.fingerprint), []).append(r.name)
+            sizes[(name, scored.fingerprint)] = len(scored.correct)
+    rows = [[name, f"`{fingerprint[:16]}`", f"{sizes[(name, fingerprint)]:,}",
+             f"all {len(members)} runs" if len(members) == len(runs) else ", ".join(f"`{m}`" for m in members)]
+            for (name, fingerprint), members in sets.items()]
+    return _table(["set", "fingerprint (SHA-256 of its sorted key/label rows)", "images", "scored runs"], rows)
+
+
+def _design_text(number: int, design: Design, cells: dict[str, list[RunFacts]]) -> str:
+    comparisons = judge(design, cells)
+    regime = [f"fewer than {design.seeds} seeds in a cell"]
+    if design.converged:
+        regime.append("a cell whose validation accuracy still rose more than "
+                      f"{RISE_POINTS:g} point over its last {100 * LAST_PART:g}% of steps")
+    metric = {"difference": f"{design.metric} accuracy of the first cell minus the second (points)",
+              "slope": f"least-squares slope of the pairs' {design.metric}-accuracy differences against log2 of the "
+                       "training fraction (points per doubling of the training data)",
+              "gap": f"accuracy of the final weights, in eval mode, on a fixed un-augmented subset of the cell's own "
+                     f"training images minus its {design.metric} accuracy (points)"}[design.kind]
+    lines = [f"### {number}. {design.title}: **{combine(comparisons)}**", "",
+             f"- Report: {design.report}.", f"- Hypothesis: {design.hypothesis}",
+             f"- Metric: {metric}. Supported when the whole {100 * CONFIDENCE:g}% interval lies above "
+             f"{design.min_effect:+g}, contradicted when it lies below, else inconclusive.",
+             f"- Not tested in this regime when: {'; or '.join(regime)}.", ""]
+    lines += [f"- {c.line()}" for c in comparisons]
+    return "\n".join(lines)
+
+
+def read_study_record(folder: Path) -> dict:
+    path = folder / STUDY_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no {STUDY_RECORD}; pass the output folder of `python -m hf_vit.study` (or "
+                        "a folder of its exported records)") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} cannot be read as JSON ({err})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("runs"), list):
+        raise UserError(f"{path} is not a study record (no runs list)")
+    return record
 
 
 # --------------------------------------------------------------------------------------------------- findings.md
-def write_findings(runs: list[tuple[str, str | os.PathLike]], output_dir: str | os.PathLike, title: str = "study",
-                   description: str = "", study_path: str | None = None,
-                   commands: dict[str, str] | None = None) -> Path:
-    """Write ``output_dir/findings.md`` and its PNGs for ``runs`` (``[(name, finished run folder)]``); returns the
-    path of findings.md. ``commands`` (``{name: command line}``) are listed at the end, so a reader can redo a run."""
-    output_dir = Path(output_dir)
+def write_findings(runs_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
+    """Judge a study folder's designs by its finished runs and write ``findings.md`` and its PNGs into
+    ``output_dir`` (default: ``runs_dir``); returns the path of findings.md.
+
+    ``runs_dir`` holds ``study.json`` (written by the study) and one folder per run, either the run itself or its
+    record (:data:`hf_vit.findings.records.RECORD_FILES`); a run without ``all_results.json`` is not finished and left
+    out, and said so."""
+    runs_dir = Path(runs_dir)
+    output_dir = Path(output_dir) if output_dir is not None else runs_dir
+    record = read_study_record(runs_dir)
+    entries = [r for r in record["runs"] if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    done = [e for e in entries if (runs_dir / e["name"] / "all_results.json").is_file()]
+    facts = read_facts([(e["name"], runs_dir / e["name"]) for e in done],
+                       cells={e["name"]: (e.get("cell") or e["name"], e.get("seed")) for e in done})
+    cells = cells_of(facts)
+    designs = parse_designs(record.get("findings"), sorted(set(cells) | {f.name for f in facts}),
+                            str(runs_dir / STUDY_RECORD)) if done else []
     output_dir.mkdir(parents=True, exist_ok=True)
-    facts = read_facts(runs, root=output_dir)
-    plot_accuracy_vs_fraction(facts, output_dir / "accuracy_vs_fraction.png")
-    plot_learning_curves(facts, output_dir / "learning_curves.png")
+    plot_accuracy_vs_fraction(cells, output_dir / "accuracy_vs_fraction.png")
+    plot_learning_curves(cells, output_dir / "learning_curves.png")
+    missing = [e["name"] for e in entries if e not in done]
+    description = record.get("description") or ""
+    findings = [_design_text(n, d, cells) for n, d in enumerate(designs, 1)] or [
+        "The study states no designs (`findings:`), so nothing is judged."]
+    text = f"""# Findings: {record.get("title") or runs_dir.name}
 
-    judged = [cnn_vs_vit(facts), data_dependence(facts), pretraining_gain(facts)]
-    gap_comparisons, gap_runs = generalisation_gap(facts)
-    judged.append(gap_comparisons)
-    findings = []
-    for number, ((claim, report, needs), comparisons) in enumerate(zip(FINDINGS, judged), 1):
-        verdict = combine(comparisons)
-        body = [f"{number}. **{claim}** (report: {report}). Verdict: **{verdict}**."]
-        if number == 4 and comparisons:
-            body.append(f"   Judged on {gap_runs}.")
-        body += [f"   - {c.verdict}: {c.text}" for c in comparisons]
-        if not comparisons:
-            body.append(f"   These runs hold no comparison for it (it needs {needs}).")
-        findings.append("\n".join(body))
+{description + NEWLINE + NEWLINE if description else ""}{len(facts)} finished runs in {len(cells)} cells, from \
+`{record.get("study_path", "?")}`{f"; not finished: {', '.join(missing)}" if missing else ""}. Every number below is
+computed from the runs' records (`all_results.json`, `log_history.json`, `train_config.yaml`, `predictions_*.csv`)
+by `python -m hf_vit.findings DIR`, which regenerates this file exactly.
 
-    source = f" from `{study_path}`" if study_path else ""
-    intro = f"{description}\n\n" if description else ""
-    text = f"""# Findings: {title}
+## How the findings are judged
 
-{intro}{len(facts)} runs{source}, every number read from the runs' own
-`all_results.json` (eval accuracy on `eval_samples` held-out images). Standard errors: `sqrt(p (1 - p) / n)` with
-`n = eval_samples`; a difference carries `sqrt(SE1^2 + SE2^2)`, which overstates its error when both runs were scored
-on the same images (their errors are then correlated), so the verdicts are on the cautious side. A finding is
-**supported** when the difference in its direction exceeds {Z:g} SE, **contradicted** when it exceeds {Z:g} SE the
-other way, **inconclusive** in between.
+- A **cell** is the runs that differ only by their training seed. Its accuracy is the mean over its seeds, with the
+  standard error across seeds; no maximum over runs is taken.
+- Every run of a study is scored on the same images: the held-out splits are fixed before training (split seed,
+  per-class cuts), and each run records the fingerprint of every set it was scored on (below). The designs judge
+  **test** accuracy, from the final weights on a split that nothing during training looked at; the learning curves
+  and the convergence rule use the **validation** split, which the findings never score.
+- Each finding's quantity is a contrast of cell accuracies. Its uncertainty combines the SE across seeds (the
+  contrast computed seed by seed) and a **paired bootstrap** over the scored images ({BOOTSTRAP_RESAMPLES:,}
+  resamples, seed fixed): images are resampled together for every cell scored on them, so shared easy and hard
+  images cancel. The {100 * CONFIDENCE:g}% interval is the estimate ± Student's t x sqrt(SE_seeds^2 + SE_images^2), with
+  Welch-Satterthwaite's degrees of freedom (seeds - 1 when the seed spread dominates).
+- **Convergence rule**: a cell whose seed-mean validation accuracy rose more than {RISE_POINTS:g} point over the
+  last {100 * LAST_PART:g}% of its steps was still improving when it stopped.
+- The designs, hypotheses, thresholds and regime rules below were written in the study file before its runs.
 
 ## The report's findings, checked
 
-{NEWLINE.join(findings)}
+{(NEWLINE + NEWLINE).join(findings)}
 
-## Accuracy per model and training-data fraction
+## Cells
 
-Eval accuracy % ± SE.
+{cells_table(cells)}
 
-{fraction_table(facts)}
+## Test accuracy per model and training fraction (from scratch)
 
-![eval accuracy against training-data fraction](accuracy_vs_fraction.png)
+Mean ± SE across seeds, in %.
+
+{fraction_table(cells)}
+
+![test accuracy against training fraction](accuracy_vs_fraction.png)
+
+## Scored sets
+
+{sets_table(facts)}
 
 ## Runs
 
-Epochs are those actually run. Training compute = training FLOPs per image x images seen; train time is what the run
-recorded (for a resumed run, its last session). Train accuracy is the trainer's: the mean over its last logging
-window of training batches (augmented, while the weights still move), not the final model on a fixed set; it
-carries no SE here.
+Train-subset accuracy: the final weights in eval mode, without augmentation, on a fixed subset of the run's own
+training images. Final validation accuracy: the last point of the run's learning curve.
 
 {runs_table(facts)}
 
-## Scratch vs pretrained
-
-{pretraining_table(facts)}
-
-## Train vs validation accuracy
-
-The gap's SE is the eval accuracy's (the train accuracy averages over many more images).
-
-{gap_table(facts)}
-
 ## Learning curves
 
-![train loss, train accuracy and eval accuracy per run](learning_curves.png)
-
-## Attention rollout
-
-{NEWLINE.join(attention_figures(facts, output_dir))}
+![train loss, train accuracy and validation accuracy per cell (its first seed)](learning_curves.png)
 """
+    commands = {e["name"]: e["command"] for e in done if e.get("command")}
     if commands:
         text += "\n## How each run was made\n\n" + "\n".join(
             f"- `{name}`: `{command}`" for name, command in commands.items()) + "\n"

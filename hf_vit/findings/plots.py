@@ -1,39 +1,38 @@
-"""The figures beside findings.md: accuracy against the training-data fraction, the learning curves, and the
-attention rollouts of the ViT runs (:func:`hf_vit.attention.rollout_figure`).
+"""The figures beside findings.md: test accuracy against the training-data fraction and the learning curves (both drawn
+from the runs' records alone; attention rollouts need the weights: ``python -m hf_vit.attention``).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from hf_vit.errors import UserError
 from hf_vit.report import new_figure, plot_runs_against_epoch
 
-from .facts import RunFacts, best_at, format_fraction, group_by_data, scratch_runs
+from .facts import RunFacts, format_fraction
+from .stats import cell_accuracy
 
-CURVES = {"train_loss": "train loss", "train_accuracy": "train accuracy", "eval_accuracy": "eval accuracy"}
+CURVES = {"train_loss": "train loss", "train_accuracy": "train accuracy", "eval_accuracy": "validation accuracy"}
 
 
-def fraction_series(runs: list[RunFacts]) -> dict[str, list[tuple[float, float, float]]]:
-    """``{line label: [(fraction, accuracy, SE)]}``: runs from scratch, one line per architecture on each evaluation
-    set that holds runs at two or more training fractions; the best run at each fraction."""
-    groups = {data: group for data, group in group_by_data(scratch_runs(runs)).items()
-              if len({r.fraction for r in group}) > 1}
+def fraction_series(cells: dict[str, list[RunFacts]]) -> dict[str, list[tuple[float, float, float]]]:
+    """``{line label: [(fraction, mean test accuracy, SE across seeds)]}``: cells from scratch, one line per
+    architecture on each evaluation set that holds cells at two or more training fractions."""
+    scratch = [members for members in cells.values() if members[0].source is None
+               and cell_accuracy(members, "test")[0] is not None]
+    datasets = {m[0].data for m in scratch}
     series: dict[str, list[tuple[float, float, float]]] = {}
-    for data, group in groups.items():
-        for label in dict.fromkeys(r.label for r in group):
-            mine = [r for r in group if r.label == label]
-            name = f"{mine[0].family}: {label}" + (f", {data}" if len(groups) > 1 else "")
-            series[name] = [(f, best_at(mine, f).accuracy, best_at(mine, f).se or 0.0)
-                            for f in sorted({r.fraction for r in mine})]
-    return series
+    for members in scratch:
+        first = members[0]
+        name = f"{first.family}: {first.label}" + (f", {first.data}" if len(datasets) > 1 else "")
+        mean, se = cell_accuracy(members, "test")
+        series.setdefault(name, []).append((first.fraction, mean, se or 0.0))
+    return {name: sorted(points) for name, points in series.items() if len({f for f, _, _ in points}) > 1}
 
 
-def plot_accuracy_vs_fraction(runs: list[RunFacts], path: str | os.PathLike):
-    """Write a PNG of eval accuracy against the training-data fraction, ViT and CNN lines on one axis with +-1 SE
-    error bars (:func:`fraction_series`); returns the figure."""
-    series = fraction_series(runs)
+def plot_accuracy_vs_fraction(cells: dict[str, list[RunFacts]], path: str | os.PathLike):
+    """Write a PNG of test accuracy against the training-data fraction, ViT and CNN lines on one axis with +-1 SE
+    (across seeds) error bars (:func:`fraction_series`); returns the figure."""
+    series = fraction_series(cells)
     figure = new_figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.subplots()
     for name, points in series.items():
@@ -46,7 +45,7 @@ def plot_accuracy_vs_fraction(runs: list[RunFacts], path: str | os.PathLike):
     axes.set_xticks(fractions, [format_fraction(f) for f in fractions], minor=False)
     axes.minorticks_off()
     axes.set_xlabel("training-data fraction")
-    axes.set_ylabel("eval accuracy (error bars: 1 SE)")
+    axes.set_ylabel("test accuracy (error bars: 1 SE across seeds)")
     axes.grid(alpha=0.3)
     if series:
         axes.legend(fontsize=8)
@@ -57,28 +56,9 @@ def plot_accuracy_vs_fraction(runs: list[RunFacts], path: str | os.PathLike):
     return figure
 
 
-def plot_learning_curves(runs: list[RunFacts], path: str | os.PathLike):
-    """Write a PNG of train loss, train accuracy and eval accuracy against the epoch (:data:`CURVES`), one panel
-    each and one line per run; returns the figure."""
-    return plot_runs_against_epoch({r.name: r.history for r in runs}, CURVES, path)
-
-
-def attention_figures(runs: list[RunFacts], output_dir: Path) -> list[str]:
-    """Markdown lines for the attention-rollout figures of the ViT runs (or why there are none)."""
-    vits = [r for r in runs if r.family == "ViT"]
-    if not vits:
-        return ["No ViT run, so no attention rollout."]
-    try:
-        from hf_vit.attention import rollout_figure
-    except ImportError as err:
-        return [f"Attention rollout left out: `hf_vit.attention.rollout_figure` cannot be imported ({err})."]
-    lines = []
-    for run in vits:
-        name = f"attention_{run.name}.png"
-        try:
-            rollout_figure(str(run.dir), images=8, output=str(output_dir / name))
-        except UserError as err:
-            lines.append(f"- `{run.name}`: no attention rollout ({err}).")
-            continue
-        lines.append(f"- `{run.name}`:\n\n  ![attention rollout of {run.name}]({name})")
-    return lines
+def plot_learning_curves(cells: dict[str, list[RunFacts]], path: str | os.PathLike):
+    """Write a PNG of train loss, train accuracy and validation accuracy against the epoch (:data:`CURVES`), one
+    panel each and one line per cell (its first seed's run: a study of many cells stays readable); returns the
+    figure."""
+    return plot_runs_against_epoch({(members[0].name if len(members) == 1 else f"{cell} (seed {members[0].seed})"):
+                                    members[0].history for cell, members in cells.items()}, CURVES, path)

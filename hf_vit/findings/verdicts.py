@@ -1,9 +1,15 @@
-"""The report's four findings, each judged by the numbers of the runs.
+"""Each design of a study judged by its runs.
 
-Every accuracy carries its standard error from the held-out count, ``sqrt(p (1 - p) / n)`` with ``n = eval_samples``;
-a difference of two runs carries ``sqrt(SE1^2 + SE2^2)``. A finding is *supported* when the difference in its
-direction exceeds ``Z`` standard errors, *contradicted* when it exceeds them the other way, and *inconclusive* in
-between; *not tested* when the runs hold no comparison for it.
+A comparison's verdict follows from its estimate's interval (:mod:`hf_vit.findings.stats`) and the design's minimum
+effect ``m`` (points, oriented so that positive supports the claim):
+
+* **supported** when the whole interval lies above ``m``;
+* **contradicted** when the whole interval lies below ``m`` (for ``m = 0``: the opposite direction is established);
+* **inconclusive** when the interval contains ``m``;
+* **not tested in this regime** when a cell has fewer seeds than the design needs, or a cell the design needs
+  converged still rose by more than the rule allows over its last steps; the numbers are still shown.
+
+A design with several comparisons (pairs, cells) gets their common verdict, or ``mixed`` with the counts.
 """
 
 from __future__ import annotations
@@ -11,176 +17,97 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .facts import RunFacts, best_at, format_accuracy, format_fraction, group_by_data, scratch_runs
+from .designs import Design
+from .facts import RunFacts, format_fraction
+from .stats import LAST_PART, RISE_POINTS, Estimate, converged, estimate, last_part_rise, slope_weights
 
-Z = 2.0
+NOT_TESTED = "not tested in this regime"
 
 
-def verdict(difference: float, se: float | None) -> str:
-    """``supported`` / ``contradicted`` / ``inconclusive`` for a difference oriented so that positive supports."""
-    if se is None:
-        return "inconclusive (no eval_samples to size the error)"
-    if difference > Z * se:
+def verdict(low: float, high: float, min_effect: float) -> str:
+    if low > min_effect:
         return "supported"
-    if difference < -Z * se:
+    if high < min_effect:
         return "contradicted"
     return "inconclusive"
 
 
-def format_difference(difference: float, se: float | None) -> str:
-    """``+7.21 ± 0.92 points (+7.8 SE)`` for accuracies given as fractions."""
-    points = f"{100 * difference:+.2f}"
-    if se is None:
-        return f"{points} points"
-    return f"{points} ± {100 * se:.2f} points" + (f" ({difference / se:+.1f} SE)" if se > 0 else "")
-
-
 @dataclass
 class Comparison:
-    """One difference in a finding's direction (positive supports it), its standard error and what it compares."""
+    """One judged quantity of a design: what it compares, its estimate and its verdict."""
 
-    difference: float
-    se: float | None
     text: str
+    estimate: Estimate | None
+    verdict: str
+    unit: str = "points"
 
-    @property
-    def verdict(self) -> str:
-        return verdict(self.difference, self.se)
+    def line(self) -> str:
+        value = self.estimate.describe(self.unit) if self.estimate is not None else "no estimate"
+        return f"{self.verdict}: {self.text}: {value}."
 
 
 def combine(comparisons: list[Comparison]) -> str:
-    """One verdict for a finding: the common verdict of its comparisons, or ``mixed`` with the counts."""
+    """One verdict for a design: the common verdict of its comparisons, or ``mixed`` with the counts."""
     if not comparisons:
-        return "not tested"
-    verdicts = [c.verdict for c in comparisons]
+        return "not tested (no runs for it)"
+    verdicts = [c.verdict.split(" (")[0] for c in comparisons]
     if len(set(verdicts)) == 1:
         return verdicts[0]
     return "mixed (" + ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) + ")"
 
 
-def combined_se(*errors: float | None) -> float | None:
-    """The standard error of a sum or difference of independent estimates (None if any error is unknown)."""
-    return None if any(e is None for e in errors) else math.sqrt(sum(e * e for e in errors))
+def _regime(design: Design, cells: dict[str, list[RunFacts]], needed: list[str]) -> str | None:
+    """Why the comparison over ``needed`` cells is not tested in this regime (None when it is)."""
+    few = [f"`{c}` ({len(cells[c])})" for c in needed if len(cells[c]) < design.seeds]
+    if few:
+        return f"{NOT_TESTED} (fewer than {design.seeds} seeds: {', '.join(few)})"
+    if design.converged:
+        rising = [c for c in needed if not converged(cells[c])]
+        if rising:
+            rises = ", ".join(f"`{c}` {_rise(cells[c])}" for c in rising)
+            return (f"{NOT_TESTED} (still rising: validation accuracy rose more than {RISE_POINTS:g} point over the "
+                    f"last {100 * LAST_PART:g}% of the steps: {rises})")
+    return None
 
 
-def _family_model(runs: list[RunFacts], family: str) -> list[RunFacts]:
-    """The runs of one model of ``family``: the one with the most runs (ties: the best at its largest fraction)."""
-    models: dict[str, list[RunFacts]] = {}
-    for run in runs:
-        if run.family == family:
-            models.setdefault(run.label, []).append(run)
-    if not models:
-        return []
-
-    def rank(item):
-        largest = max(item[1], key=lambda r: (r.fraction, r.accuracy))
-        return len(item[1]), largest.fraction, largest.accuracy
-    return max(models.items(), key=rank)[1]
+def _rise(members: list[RunFacts]) -> str:
+    rise = last_part_rise(members)
+    return "no validation curve" if rise is None else f"{rise:+.2f}"
 
 
-def cnn_vs_vit(runs: list[RunFacts]) -> list[Comparison]:
-    """Finding 1: per evaluation set, CNN minus ViT from scratch at the largest training fraction both have."""
-    comparisons = []
-    for data, group in group_by_data(scratch_runs(runs)).items():
-        vits, cnns = _family_model(group, "ViT"), _family_model(group, "CNN")
-        shared = {r.fraction for r in vits} & {r.fraction for r in cnns}
-        if not shared:
-            continue
-        vit, cnn = best_at(vits, max(shared)), best_at(cnns, max(shared))
-        compute = ""
-        if vit.training_flops and cnn.training_flops:
-            compute = f" The CNN used {cnn.training_flops / vit.training_flops:.2f}x the ViT's training compute"
-            if vit.runtime and cnn.runtime:
-                compute += f" and {cnn.runtime / vit.runtime:.2f}x its training time"
-            compute += "."
-        difference, se = cnn.accuracy - vit.accuracy, combined_se(cnn.se, vit.se)
-        comparisons.append(Comparison(difference, se, (
-            f"on {data} at {format_fraction(max(shared))} of the training data, {cnn.label} (`{cnn.name}`) reaches "
-            f"{format_accuracy(cnn)}% and {vit.label} (`{vit.name}`) {format_accuracy(vit)}%: CNN - ViT = "
-            f"{format_difference(difference, se)}.{compute}")))
-    return comparisons
+def _judged(design: Design, cells, needed: list[str], terms, text: str, unit: str = "points") -> Comparison:
+    missing = [c for c in needed if c not in cells]
+    if missing:
+        return Comparison(text, None, f"not tested (no finished run of `{missing[0]}`)", unit)
+    found = estimate(terms, cells)
+    if found is None:
+        return Comparison(text, None, f"not tested (a run of {', '.join(needed)} has no {design.metric} accuracy)",
+                          unit)
+    regime = _regime(design, cells, needed)
+    low, high = found.interval
+    return Comparison(text, found, regime or verdict(low, high, design.min_effect), unit)
 
 
-def data_dependence(runs: list[RunFacts]) -> list[Comparison]:
-    """Finding 2: per evaluation set, how much more the ViT gains than the CNN from the smallest to the largest
-    training fraction both have (equivalently, how much the CNN's lead shrinks)."""
-    comparisons = []
-    for data, group in group_by_data(scratch_runs(runs)).items():
-        vits, cnns = _family_model(group, "ViT"), _family_model(group, "CNN")
-        shared = sorted({r.fraction for r in vits} & {r.fraction for r in cnns})
-        if len(shared) < 2:
-            continue
-        low, high = shared[0], shared[-1]
-        v_low, v_high, c_low, c_high = (best_at(vits, low), best_at(vits, high), best_at(cnns, low),
-                                        best_at(cnns, high))
-        gain = (v_high.accuracy - v_low.accuracy) - (c_high.accuracy - c_low.accuracy)
-        se = combined_se(v_low.se, v_high.se, c_low.se, c_high.se)
-        leads = ", ".join(
-            f"{100 * (best_at(cnns, f).accuracy - best_at(vits, f).accuracy):+.2f} at {format_fraction(f)}"
-            for f in shared)
-        comparisons.append(Comparison(gain, se, (
-            f"on {data}, from {format_fraction(low)} to {format_fraction(high)} of the training data "
-            f"{vits[0].label} gains "
-            f"{100 * (v_high.accuracy - v_low.accuracy):+.2f} points and {cnns[0].label} "
-            f"{100 * (c_high.accuracy - c_low.accuracy):+.2f}: the ViT gains {format_difference(gain, se)} more. "
-            f"The CNN's lead (points): {leads}.")))
-    return comparisons
-
-
-def pretraining_pairs(runs: list[RunFacts]) -> list[tuple[RunFacts, RunFacts | None]]:
-    """Each run started from a checkpoint, with the run from scratch it is compared with (None when there is none):
-    the same evaluation set, training fraction and parameter count."""
-    pairs = []
-    for run in runs:
-        if run.source is None or run.accuracy is None:
-            continue
-        match = [s for s in scratch_runs(runs) if (s.data, s.fraction, s.num_parameters) ==
-                 (run.data, run.fraction, run.num_parameters)]
-        pairs.append((run, max(match, key=lambda s: s.accuracy) if match else None))
-    return pairs
-
-
-def pretraining_gain(runs: list[RunFacts]) -> list[Comparison]:
-    """Finding 3: fully fine-tuned minus from scratch, for every pair."""
-    comparisons = []
-    for tuned, scratch in pretraining_pairs(runs):
-        if scratch is None or tuned.frozen:
-            continue
-        difference, se = tuned.accuracy - scratch.accuracy, combined_se(tuned.se, scratch.se)
-        comparisons.append(Comparison(difference, se, (
-            f"on {tuned.data}, {tuned.label} fine-tuned {tuned.start} (`{tuned.name}`) reaches "
-            f"{format_accuracy(tuned)}% and from scratch (`{scratch.name}`) {format_accuracy(scratch)}%: gain "
-            f"{format_difference(difference, se)}.")))
-    return comparisons
-
-
-def generalisation_gap(runs: list[RunFacts]) -> tuple[list[Comparison], str]:
-    """Finding 4: train minus eval accuracy, for the pretraining runs (the runs others start from) when the study
-    has any, else for every ViT run; returns the comparisons and which runs they cover."""
-    sources = {r.source for r in runs}
-    chosen, which = [r for r in runs if r.name in sources], "the pretraining runs"
-    if not chosen:
-        chosen, which = [r for r in runs if r.family == "ViT"], "the ViT runs"
-    comparisons = []
-    for run in chosen:
-        if run.train_accuracy is None or run.accuracy is None:
-            continue
-        difference = run.train_accuracy - run.accuracy
-        comparisons.append(Comparison(difference, run.se, (
-            f"`{run.name}`: train {100 * run.train_accuracy:.2f}%, eval {format_accuracy(run)}%: gap "
-            f"{format_difference(difference, run.se)}.")))
-    return comparisons, which
-
-
-FINDINGS = (
-    ("From scratch, a CNN beats a ViT on the same small dataset",
-     ("ResNet-50-class CNNs reach 93-95% on CIFAR-10 where ViT-B/16 reaches 85%: a CNN's inductive bias wins on "
-      "small data"), "a ViT and a CNN trained from scratch on the same data"),
-    ("A ViT depends more on data than a CNN: the CNN's lead shrinks as the training data grows",
-     "ViT needs much more data than a CNN; the gap closes as data grows",
-     "a ViT and a CNN from scratch at two or more shared training fractions"),
-    ("Pretraining lifts the ViT", "ViT-B/16 from 85% (scratch) to 95% (pretrained on ImageNet, fine-tuned)",
-     "a fine-tuned run and a scratch run of the same architecture on the same data"),
-    ("Train accuracy well above validation accuracy shows a generalisation gap",
-     "84% train vs 56% validation accuracy in pretraining", "runs that record train_accuracy"),
-)
+def judge(design: Design, cells: dict[str, list[RunFacts]]) -> list[Comparison]:
+    """The design's comparisons over ``cells`` (:func:`hf_vit.findings.stats.cells_of`)."""
+    metric = design.metric
+    if design.kind == "difference":
+        return [_judged(design, cells, [a, b], [(a, metric, 1.0), (b, metric, -1.0)],
+                        f"`{a}` - `{b}`") for a, b in design.pairs]
+    if design.kind == "gap":
+        return [_judged(design, cells, [c], [(c, "train_eval", 1.0), (c, metric, -1.0)],
+                        f"`{c}`: accuracy on its own training images - {metric} accuracy") for c in design.cells]
+    # slope: y = a - b against log2 of the training fraction, per doubling.
+    needed = [c for pair in design.pairs for c in pair]
+    missing = [c for c in needed if c not in cells]
+    text = "slope of " + ", ".join(f"`{a}` - `{b}`" for a, b in design.pairs) + " against log2(training fraction)"
+    if missing:
+        return [Comparison(text, None, f"not tested (no finished run of `{missing[0]}`)", "points per doubling")]
+    fractions = [cells[a][0].fraction for a, _ in design.pairs]
+    if any(cells[b][0].fraction != f for (_, b), f in zip(design.pairs, fractions)) or len(set(fractions)) < 3:
+        return [Comparison(text, None, "not tested (each pair must share a training fraction, and at least 3 "
+                                       "fractions differ)", "points per doubling")]
+    weights = slope_weights([math.log2(f) for f in fractions])
+    terms = [term for (a, b), w in zip(design.pairs, weights) for term in ((a, metric, w), (b, metric, -w))]
+    text += " (" + ", ".join(map(format_fraction, fractions)) + ")"
+    return [_judged(design, cells, needed, terms, text, "points per doubling")]
