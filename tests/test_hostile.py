@@ -95,7 +95,7 @@ def args(data: Path, out: Path, *extra: str) -> list[str]:
             "--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "1", "--intermediate_size",
             "16", "--image_size", "8", "--patch_size", "4", "--total_train_batch_size", "16",
             "--dataloader_num_workers", "0", "--report_to", "none", "--train_val_split", "0.25", "--seed", "3",
-            "--num_train_epochs", "2", "--logging_steps", "1", *extra]
+            "--split_seed", "3", "--num_train_epochs", "2", "--logging_steps", "1", *extra]
 
 
 def run(argv: list[str]) -> tuple[int, str]:

@@ -77,7 +77,7 @@ def copy_run(finished: Path, tmp_path: Path, name: str = "run") -> Path:
 
 def eval_argv(model: Path, data: Path, *extra: str) -> list[str]:
     return ["--model_name_or_path", str(model), "--dataset_name", str(data), "--eval_split", "train",
-            "--train_val_split", "0.25", "--seed", "3", "--dataloader_num_workers", "0", *extra]
+            "--train_val_split", "0.25", "--split_seed", "3", "--dataloader_num_workers", "0", *extra]
 
 
 # ------------------------------------------------------------------------------ 1. other commands never write a run
@@ -149,7 +149,7 @@ def test_a_full_disk_during_eval_leaves_the_previous_results_whole_and_says_so(f
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", full_on_the_second_file)
-    code, _, err = in_process(hf_eval.main, eval_argv(finished, data, "--output_dir", str(out), "--seed", "4"))
+    code, _, err = in_process(hf_eval.main, eval_argv(finished, data, "--output_dir", str(out), "--split_seed", "4"))
     monkeypatch.undo()
     line = one_error_line(err)
     assert code == 2 and "no space left" in line and "left whole" in line
