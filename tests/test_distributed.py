@@ -186,7 +186,7 @@ def test_eval_under_two_processes_equals_one_process_on_the_same_weights(two_pro
     out = two_proc[0]
     with contextlib.redirect_stdout(io.StringIO()):
         hf_eval.main(["--model_name_or_path", str(out), "--dataset_name", str(CIFAR10), "--eval_split", "train",
-                      "--train_val_split", "0.02", "--seed", "42", "--max_eval_samples", "128",
+                      "--train_val_split", "0.02", "--split_seed", "0", "--max_eval_samples", "128",
                       "--per_device_eval_batch_size", "24", "--dataloader_num_workers", "0",
                       "--output_dir", str(tmp_path)])
     one, two = read_json(tmp_path / "eval_results.json"), read_json(out / "eval_results.json")

@@ -272,7 +272,7 @@ def test_pretrain_then_finetune_then_evaluate_end_to_end(pretrained, finetuned, 
     # The standalone evaluator scores the saved model exactly as the training run's final eval did; it writes beside
     # the run folder (<run>-eval/, its default), never into it.
     proc = subprocess.run([sys.executable, "-m", "hf_vit.eval", "--model_name_or_path", str(out), "--dataset_name",
-                           str(cifar10_path), "--eval_split", "train", "--train_val_split", "0.02", "--seed", "42",
+                           str(cifar10_path), "--eval_split", "train", "--train_val_split", "0.02", "--split_seed", "0",
                            "--max_eval_samples", "64", "--dataloader_num_workers", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -356,7 +356,7 @@ COMMAND_EXAMPLES = int(os.environ.get("HF_VIT_FUZZ_COMMAND_EXAMPLES", "25"))
 COMMAND_FUZZ = settings(FUZZ, max_examples=COMMAND_EXAMPLES)
 COMMAND_FLAGS = {
     "eval": ["--model_name_or_path", "--dataset_name", "--eval_split", "--dataset_config_name", "--train_val_split",
-             "--seed", "--per_device_eval_batch_size", "--max_eval_samples", "--output_dir", "--image_column_name",
+             "--split_seed", "--per_device_eval_batch_size", "--max_eval_samples", "--output_dir", "--image_column_name",
              "--label_column_name", "--dataloader_num_workers", "--mixed_precision"],
     "report": ["--output_dir"],
     "push": ["--hub_model_id", "--private", "--hub_token", "--include_checkpoints"],
