@@ -334,6 +334,6 @@ def test_gpu_check_plans_the_report_scale_study_from_the_measured_throughput(cif
     assert json.loads((tmp_path / "throughput.json").read_text())[0]["train_images_per_second_per_gpu"] == 1500.0
     for gpus in (1, 8):
         rows = [line for line in out[f"table_{gpus}_gpu"].splitlines() if line.startswith("| ") and "---" not in line]
-        assert len(rows) == 1 + 8 and all(row.endswith("| ok |") for row in rows[1:])
-        f10 = next(row for row in rows if row.startswith("| vit_base_scratch_f10 "))
-        assert "| 9 / 18000 (2000) |" in f10 and "measured 1,500 img/s per GPU (TEST-GPU)" in f10
+        assert len(rows) == 1 + 40 and all(row.endswith("| ok |") for row in rows[1:])
+        f10 = next(row for row in rows if row.startswith("| vit_base_scratch_f10_s1 "))
+        assert "| 8 / 16000 (2000) |" in f10 and "measured 1,500 img/s per GPU (TEST-GPU)" in f10

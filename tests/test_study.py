@@ -485,11 +485,11 @@ def test_report_scale_cifar_settings_reach_only_the_cifar_runs_and_imagenet_stre
                        ["cifar10.dataset_name=/data/cifar10", "cifar10.eval_split=",
                         "imagenet.dataset_name=/data/imagenet-1k"])
     configs = {run.name: parse_config(run.argv()) for run in study.runs}
-    assert len(configs) == 8
+    assert len(configs) == 40  # 13 CIFAR-10 cells x 3 seeds and the pretraining
     for name, cfg in configs.items():
         if name == "imagenet_pretrain":
             assert (cfg.data.dataset_name, cfg.data.eval_split, cfg.data.streaming, cfg.data.stream_sharding) == \
                 ("/data/imagenet-1k", "validation", True, "shards")
         else:
             assert (cfg.data.dataset_name, cfg.data.eval_split) == ("/data/cifar10", ""), name  # "": carve
-    assert configs["vit_base_finetuned"].model.model_name_or_path == str(tmp_path / "out" / "imagenet_pretrain")
+    assert configs["vit_base_finetuned_s1"].model.model_name_or_path == str(tmp_path / "out" / "imagenet_pretrain")
