@@ -16,8 +16,8 @@ from conftest import REPO
 from scipy import stats as scipy_stats
 
 from hf_vit.errors import UserError
-from hf_vit.findings import (STUDY_RECORD, Design, cells_of, estimate, export_records, judge, last_part_rise,
-                             read_facts, write_findings)
+from hf_vit.findings import (STUDY_RECORD, Design, cells_of, converged, estimate, export_records, judge,
+                             last_part_rise, read_facts, write_findings)
 from hf_vit.findings.__main__ import main as findings_main
 from hf_vit.findings.stats import slope_weights
 from hf_vit.predictions import write_predictions
@@ -147,6 +147,14 @@ def test_the_convergence_rule_reads_the_seed_mean_validation_curve_over_the_last
     made = two_cells(tmp_path, [0.6, 0.6, 0.6], [0.5, 0.5, 0.5], curve=rising)
     cells = cells_in(tmp_path, made["runs"])
     assert last_part_rise(cells["a"]) == pytest.approx(2.0)
+    assert not converged(cells["a"])
+
+
+def test_a_rise_of_exactly_the_rules_threshold_is_not_more_than_it(tmp_path):
+    # 0.5725 - 0.5625 is 1.0000000000000009 points in floating point: the rule says "more than 1 point".
+    made = two_cells(tmp_path, [0.6, 0.6, 0.6], [0.5, 0.5, 0.5], curve=(0.3, 0.5, 0.55, 0.5625, 0.5725))
+    cells = cells_in(tmp_path, made["runs"])
+    assert last_part_rise(cells["a"]) > 1.0 and converged(cells["a"])
 
 
 # ------------------------------------------------------------------------------------------------ the verdicts
