@@ -430,9 +430,11 @@ class Run:
         """Evaluate (and the EMA weights too); None, with a warning, when no eval image was usable."""
         acc = self.accelerator
         self.evaluated_at = self.state.global_step
-        # With predictions every time: the last evaluation is the final one whenever it falls on the last step.
+        # Per-example predictions only for the final evaluation (the one at the last step, in the loop or after it),
+        # which the run saves: gathering every key across processes at each evaluation would be wasted.
+        final = self.state.global_step >= self.total_steps
         raw = evaluate_classifier(acc.unwrap_model(self.model), self.eval_data, acc, self.mean, self.std,
-                                  self.label_names, predictions=True)
+                                  self.label_names, predictions=final)
         if raw is None:
             logger.warning("step %d: evaluation skipped, none of the eval images could be used (see the warning "
                            "above)", self.state.global_step)
@@ -441,7 +443,7 @@ class Run:
                   **eval_results(raw)}
         if self.ema is not None:
             raw["ema"] = evaluate_classifier(self.ema.module, self.eval_data, acc, self.mean, self.std,
-                                             self.label_names, predictions=True)
+                                             self.label_names, predictions=final)
             record.update(eval_results(raw["ema"], prefix="eval_ema_"))
         self._log(record)
         logger.info("step %d: eval_accuracy %.4f%s", self.state.global_step, raw["accuracy"],
