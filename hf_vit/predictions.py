@@ -22,13 +22,19 @@ HEADER = ("index", "key", "label", "prediction")
 Row = tuple[int, str, int, int]
 
 
+def lines_fingerprint(lines) -> str:
+    """SHA-256 (hex) of ``lines`` (each ending in a newline) in the order given: the one rule behind every fingerprint
+    of a set of examples (a scored set's, a study's pinned source and derived datasets)."""
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
 def scored_set_fingerprint(rows: list[Row]) -> str:
     """SHA-256 (hex) of the sorted lines ``f"{key}\\t{label}\\n"`` of ``rows``: the same for two scorings of the same
     examples, whatever their order or the processes that scored them, and whatever the model predicted."""
-    digest = hashlib.sha256()
-    for line in sorted(f"{key}\t{label}\n" for _, key, label, _ in rows):
-        digest.update(line.encode())
-    return digest.hexdigest()
+    return lines_fingerprint(sorted(f"{key}\t{label}\n" for _, key, label, _ in rows))
 
 
 def write_predictions(path: str | os.PathLike, rows: list[Row]) -> None:

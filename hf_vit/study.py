@@ -40,6 +40,7 @@ from hf_vit import durable
 from hf_vit.checkpoint import complete_checkpoints
 from hf_vit.config import CONFIG_FILE_NAME, load_recipe, parse_config, read_run_config, validate
 from hf_vit.errors import UserError, raise_user_errors, run_cli
+from hf_vit.predictions import lines_fingerprint
 from hf_vit.runtime import fresh_accelerate_state, main_process_first
 from hf_vit.study_file import STUDY_MANAGED, DerivedDataset, Study, StudyRun, load_study
 
@@ -145,14 +146,6 @@ def write_study_record(study: Study, title: str, description: str) -> None:
     durable.write_text(study.output_dir / STUDY_RECORD, json.dumps(record, indent=1) + "\n")
 
 
-def _ordered_fingerprint(lines) -> str:
-    """SHA-256 of ``lines`` in their order: a source copy is pinned with its order, which the per-class cuts follow."""
-    digest = hashlib.sha256()
-    for line in lines:
-        digest.update(line.encode())
-    return digest.hexdigest()
-
-
 def dataset_fingerprint(dataset: DerivedDataset) -> str | None:
     """The built dataset's content fingerprint, as its build recorded it (None before it is built)."""
     try:
@@ -191,7 +184,8 @@ def build_dataset(dataset: DerivedDataset) -> bool:
     source, label_column, names = splits.train, splits.label_column, splits.label_names
     labels = source[label_column]
     keys = [example_key(image) for image in source[splits.image_column]]
-    source_fingerprint = _ordered_fingerprint(f"{key}\t{label}\n" for key, label in zip(keys, labels))
+    # In the source's order, unlike a scored set's: the per-class cuts follow that order.
+    source_fingerprint = lines_fingerprint(f"{key}\t{label}\n" for key, label in zip(keys, labels))
     if dataset.source_fingerprint and source_fingerprint != dataset.source_fingerprint:
         raise UserError(f"datasets.{dataset.name}: {dataset.source!r} is not the pinned copy (source_fingerprint "
                         f"{dataset.source_fingerprint[:16]}..., this one {source_fingerprint}); point the study at "
@@ -233,7 +227,7 @@ def build_dataset(dataset: DerivedDataset) -> bool:
     partial = dataset.path.with_name(f".{dataset.path.name}.tmp")
     durable.remove_partial(partial)
     datasets.DatasetDict(parts).save_to_disk(str(partial))
-    record = {**dataset.spec(), "source_fingerprint": source_fingerprint, "fingerprint": _ordered_fingerprint(content)}
+    record = {**dataset.spec(), "source_fingerprint": source_fingerprint, "fingerprint": lines_fingerprint(content)}
     (partial / DATASET_SPEC_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     durable.publish_folder(partial, dataset.path)
     return True

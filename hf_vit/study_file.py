@@ -41,8 +41,8 @@ class DerivedDataset:
     classes: list[str] | None
     splits: dict[str, tuple[int, int | None]]
     path: Path
-    # The pin: the SHA-256 of the source split's (key, label) rows in order (hf_vit.scoring.scored_set_fingerprint's
-    # rule applied to the whole source); another copy of the data (the Hub's PNGs for a local JPEG copy) is refused.
+    # The pin: the SHA-256 of the source split's (key, label) rows in the source's order
+    # (hf_vit.predictions.lines_fingerprint); another copy of the data (the Hub's PNGs for a local JPEG copy) is refused.
     source_fingerprint: str | None = None
     # Images an earlier choice looked at (the recipes' tuning carve-out: train_val_split `fraction` at split seed
     # `seed`): ordered last within their class, so they land in the last split (train), never in a held-out one.
