@@ -11,19 +11,34 @@ records alone. One module per job:
 * :mod:`~hf_vit.findings.plots` — the figures;
 * :mod:`~hf_vit.findings.document` — ``findings.md`` itself (:func:`write_findings`);
 * :mod:`~hf_vit.findings.records` — the run records a study commits (:func:`export_records`).
+
+Names are imported on first use (PEP 562): loading a study file needs only :mod:`~hf_vit.findings.designs`, and
+``import hf_vit.findings.designs`` runs this file first, so importing the figures and statistics here (matplotlib,
+scipy, :mod:`hf_vit.report`) would cost every study command several seconds of start-up.
 """
 
-from .designs import Design, parse_designs
-from .document import STUDY_RECORD, fraction_table, format_flops, runs_table, write_findings
-from .facts import CNN_TYPES, RunFacts, read_facts
-from .plots import CURVES, fraction_series, plot_accuracy_vs_fraction
-from .records import RECORD_FILES, export_records
-from .stats import Estimate, cells_of, converged, estimate, last_part_rise
-from .verdicts import Comparison, combine, judge, verdict
+from __future__ import annotations
 
-__all__ = [
-    "CNN_TYPES", "CURVES", "Comparison", "Design", "Estimate", "RECORD_FILES", "RunFacts", "STUDY_RECORD", "cells_of",
-    "combine", "converged", "estimate", "export_records", "format_flops", "fraction_series", "fraction_table",
-    "judge", "last_part_rise", "parse_designs", "plot_accuracy_vs_fraction", "read_facts", "runs_table", "verdict",
-    "write_findings",
-]
+import importlib
+
+_HOMES = {
+    "Design": "designs", "parse_designs": "designs",
+    "STUDY_RECORD": "document", "fraction_table": "document", "format_flops": "document", "runs_table": "document",
+    "write_findings": "document",
+    "CNN_TYPES": "facts", "RunFacts": "facts", "read_facts": "facts",
+    "CURVES": "plots", "fraction_series": "plots", "plot_accuracy_vs_fraction": "plots",
+    "RECORD_FILES": "records", "export_records": "records",
+    "Estimate": "stats", "cells_of": "stats", "converged": "stats", "estimate": "stats", "last_part_rise": "stats",
+    "Comparison": "verdicts", "combine": "verdicts", "judge": "verdicts", "verdict": "verdicts",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
