@@ -1,7 +1,8 @@
-"""The facts of finished runs that the findings are computed from, and the small rules for choosing and showing runs.
+"""The facts of finished runs that the findings are computed from, and how a training fraction is shown.
 
-:func:`read_facts` reads every run folder (``all_results.json``, ``train_config.yaml``, ``log_history.json``,
-``config.json``, through :func:`hf_vit.report.load_run`) into one :class:`RunFacts` per run.
+:func:`read_facts` reads every run folder or record (``all_results.json``, ``train_config.yaml``, ``log_history.json``,
+``config.json``, through :func:`hf_vit.report.load_run`, and ``predictions_*.csv[.gz]``) into one :class:`RunFacts`
+per run.
 """
 
 from __future__ import annotations
@@ -152,15 +153,7 @@ def read_facts(runs: list[tuple[str, str | os.PathLike]],
     return list(facts.values())
 
 
-# --------------------------------------------------------------------------------------- choosing and showing runs
+# ------------------------------------------------------------------------------------------------------ showing
 def format_fraction(value: float) -> str:
     """A training-data fraction in percent, as the tables and plots show it."""
     return f"{100 * value:.4g}%"
-
-
-def group_by_data(runs: list[RunFacts]) -> dict[str, list[RunFacts]]:
-    """``runs`` by evaluation set (:attr:`RunFacts.data`), in order."""
-    groups: dict[str, list[RunFacts]] = {}
-    for run in runs:
-        groups.setdefault(run.data, []).append(run)
-    return groups
