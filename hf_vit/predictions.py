@@ -16,6 +16,7 @@ import io
 import os
 
 from . import durable
+from .errors import UserError
 
 HEADER = ("index", "key", "label", "prediction")
 
@@ -49,11 +50,17 @@ def write_predictions(path: str | os.PathLike, rows: list[Row]) -> None:
 
 def read_predictions(path: str | os.PathLike) -> list[Row]:
     """The rows of a file :func:`write_predictions` wrote, as ``(index, key, label, prediction)`` tuples; a
-    ``.gz`` file (a study's committed record, :func:`hf_vit.findings.export_records`) is read through gzip."""
+    ``.gz`` file (a study's committed record, :func:`hf_vit.findings.export_records`) is read through gzip. A file
+    that cannot be read or is not one (another header, a short or non-integer row, bad gzip) is a one-line
+    UserError naming it."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if tuple(header or ()) != HEADER:
-            raise ValueError(f"{path}: not a predictions file (header {header}, expected {','.join(HEADER)})")
-        return [(int(i), key, int(label), int(prediction)) for i, key, label, prediction in reader]
+    try:
+        with opener(path, "rt", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if tuple(header or ()) != HEADER:
+                raise UserError(f"{path}: not a predictions file (header {header}, expected {','.join(HEADER)})")
+            return [(int(i), key, int(label), int(prediction)) for i, key, label, prediction in reader]
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, csv.Error) as err:  # BadGzipFile is an OSError
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path}: not a readable predictions file ({detail})") from None

@@ -295,3 +295,45 @@ def test_seeds_expand_a_run_into_one_cell_and_the_committed_study_states_its_fou
     assert len(slope.pairs) >= 4 and all(len(cells[c]) >= 3 for pair in slope.pairs for c in pair)
     assert all(len(cells[c]) >= 3 for d in study.findings for c in d.all_cells())
     assert study.findings[3].min_effect > 0
+
+
+# ------------------------------------------------------------------------------------------------ hostile records
+def run_findings(argv: list[str], capsys) -> tuple[int, str]:
+    from hf_vit.errors import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(findings_main, argv)
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("content", [b"garbage\n", b"index,key,label,prediction\n0,a,1\n",
+                                     b"index,key,label,prediction\n0,a,one,1\n", b"\x1f\x8b\x08broken"])
+def test_a_corrupt_predictions_file_is_a_one_line_error_and_nothing_is_written(tmp_path, capsys, content):
+    made = two_cells(tmp_path / "study", [0.6], [0.5])
+    write_record(tmp_path / "study", made["runs"], [])
+    (tmp_path / "study" / "a_s1" / "predictions_test.csv").unlink()
+    (tmp_path / "study" / "a_s1" / "predictions_test.csv.gz").write_bytes(content)
+    code, err = run_findings([str(tmp_path / "study"), "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "predictions_test.csv.gz" in err and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_exporting_records_is_one_line_and_leaves_no_half_run(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import hf_vit.findings.records as records
+
+    made = two_cells(tmp_path / "study", [0.6], [0.5])
+    write_record(tmp_path / "study", made["runs"], [])
+    copies, copy = [], shutil.copyfile
+
+    def copy_until_full(source, target):
+        if len(copies) == 4:  # the first run's four record files, then the disk fills
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        copies.append(target)
+        return copy(source, target)
+
+    monkeypatch.setattr(records.shutil, "copyfile", copy_until_full)
+    code, err = run_findings([str(tmp_path / "study"), "--export_records", str(tmp_path / "rec")], capsys)
+    assert code == 2 and err.startswith("error: no space left") and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir() if not p.name.startswith(".")) == ["a_s1"]

@@ -172,9 +172,10 @@ def write_findings(runs_dir: str | os.PathLike, output_dir: str | os.PathLike | 
     cells = cells_of(facts)
     designs = parse_designs(record.get("findings"), sorted(set(cells) | {f.name for f in facts}),
                             str(runs_dir / STUDY_RECORD)) if done else []
-    output_dir.mkdir(parents=True, exist_ok=True)
-    plot_accuracy_vs_fraction(cells, output_dir / "accuracy_vs_fraction.png")
-    plot_learning_curves(cells, output_dir / "learning_curves.png")
+    with durable.os_errors(output_dir):  # a full disk or a refused folder: one line
+        output_dir.mkdir(parents=True, exist_ok=True)
+        plot_accuracy_vs_fraction(cells, output_dir / "accuracy_vs_fraction.png")
+        plot_learning_curves(cells, output_dir / "learning_curves.png")
     missing = [e["name"] for e in entries if e not in done]
     description = record.get("description") or ""
     findings = [_design_text(n, d, cells) for n, d in enumerate(designs, 1)] or [

@@ -29,6 +29,12 @@ def export_records(study_dir: str | os.PathLike, dest: str | os.PathLike) -> lis
     if study_dir.resolve() == dest.resolve():
         raise UserError(f"--export_records {dest}: that is the study folder itself; give another folder")
     record = read_study_record(study_dir)
+    # A full disk or a refused folder: one line; every run already exported is whole (each is published as a folder).
+    with durable.os_errors(dest, kept="the runs exported before it are whole"):
+        return _export(study_dir, dest, record)
+
+
+def _export(study_dir: Path, dest: Path, record: dict) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     exported = []
     for entry in record["runs"]:
