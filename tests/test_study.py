@@ -175,6 +175,16 @@ BAD_STUDIES = {
     "set unknown run": ({"runs": [GOOD_RUN]}, ["b.seed=1"], "'b'"),
     "set unknown flag": ({"runs": [GOOD_RUN]}, ["sede=1"], "'sede'"),
     "bad recipe key": ({"runs": [{**GOOD_RUN, "recipe": "bad.yaml"}]}, [], "learning_rte"),
+    "seeds not a list": ({"runs": [{**GOOD_RUN, "seeds": 3}]}, [], "seeds must be"),
+    "negative seed": ({"runs": [{**GOOD_RUN, "seeds": [1, -2]}]}, [], "seeds must be"),
+    "repeated seed": ({"runs": [{**GOOD_RUN, "seeds": [1, 1]}]}, [], "seeds must be"),
+    "seed and seeds": ({"runs": [{**GOOD_RUN, "seed": 4, "seeds": [1, 2]}]}, [], "keep seeds"),
+    "short pin": ({"datasets": {"d": {"source": "x", "source_fingerprint": "abc", "splits": {"train": {}}}},
+                   "runs": [GOOD_RUN]}, [], "source_fingerprint"),
+    "tuned_on fraction": ({"datasets": {"d": {"source": "x", "tuned_on": {"fraction": 1.5, "seed": 1},
+                                              "splits": {"train": {}}}}, "runs": [GOOD_RUN]}, [], "tuned_on"),
+    "tuned_on keys": ({"datasets": {"d": {"source": "x", "tuned_on": {"fraction": 0.1},
+                                          "splits": {"train": {}}}}, "runs": [GOOD_RUN]}, [], "tuned_on"),
 }
 
 
